@@ -1,0 +1,147 @@
+"""The agent: wires capture, ring, pipeline, store, MQTT and the websocket server together.
+
+Shutdown order (SIGTERM from `systemctl stop`, or Ctrl-C): capture and pipeline stop first and
+finish the file being written; then the publishers deliver what is left and MQTT says
+`stopped`. A second signal does not cut this short; systemd's stop timeout is the backstop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from typing import Protocol
+
+from edge.bus import EventBus
+from edge.capture import AudioSource, CaptureSupervisor, SoundCardSource
+from edge.pipeline import Pipeline
+from edge.ring import AudioRing
+from edge.runtime import RuntimeConfig
+from edge.settings import AgentSettings
+from edge.state import AgentState, CaptureState
+from edge.store import EventStore
+
+logger = logging.getLogger(__name__)
+
+
+class Component(Protocol):
+    """A long-lived part of the agent that runs until `stop` is set."""
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+class Agent:
+    """One running edge agent."""
+
+    def __init__(self, settings: AgentSettings, source: AudioSource | None = None) -> None:
+        self.settings = settings
+        self.state = AgentState()
+        self.runtime = RuntimeConfig(settings)
+        self.store = EventStore(settings.data_dir, settings.device_id, settings.storage)
+        self.bus = EventBus()
+        self.source: AudioSource = source or SoundCardSource(settings.audio)
+        audio = settings.audio
+        self.ring = AudioRing.from_buffers(
+            audio.ring_buffers, audio.buffer_s, audio.samplerate, audio.channels
+        )
+        self.stop_capture = asyncio.Event()
+        self.stop_publishers = asyncio.Event()
+        self.started = asyncio.Event()
+        self.pipeline: Pipeline | None = None
+        self.supervisor: CaptureSupervisor | None = None
+        self.ws_url: str = (
+            settings.ws.public_url or f"ws://{socket.gethostname()}:{settings.ws.port}"
+        )
+
+    def request_stop(self) -> None:
+        if not self.stop_capture.is_set():
+            logger.info("stopping: finishing the current file and delivering what is left")
+        self.stop_capture.set()
+
+    async def run(self) -> None:
+        """Run until `request_stop()` (or SIGTERM/SIGINT when installed); raises StorageError
+        if the data directory is unusable at start."""
+        await asyncio.to_thread(self.store.open)
+        self.runtime.load()
+        loop = asyncio.get_running_loop()
+        pipeline = Pipeline(
+            runtime=self.runtime,
+            ring=self.ring,
+            store=self.store,
+            bus=self.bus,
+            state=self.state,
+            source=self.source,
+            source_generation=lambda: supervisor.generation,
+        )
+        self.pipeline = pipeline
+
+        def on_audio_thread_wake() -> None:
+            # Runs on the PortAudio thread: hand over to the loop and nothing else.
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                loop.call_soon_threadsafe(pipeline.wake)
+
+        supervisor = CaptureSupervisor(
+            self.settings.audio, self.source, self.ring, on_audio_thread_wake, self._on_capture
+        )
+        self.supervisor = supervisor
+        publishers = self._publishers()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(supervisor.run(self.stop_capture), name="capture")
+                pipeline_task = tasks.create_task(pipeline.run(self.stop_capture), name="pipeline")
+                for name, component in publishers:
+                    tasks.create_task(component.run(self.stop_publishers), name=name)
+                tasks.create_task(self._stop_publishers_after(pipeline_task), name="shutdown")
+                self.started.set()
+        finally:
+            self.state.capture_state = "stopped"
+            await asyncio.to_thread(self.store.close)
+        logger.info("stopped; %d events recorded this run", self.state.events_recorded)
+
+    async def _stop_publishers_after(self, pipeline_task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(pipeline_task)
+        self.stop_publishers.set()
+
+    def _publishers(self) -> list[tuple[str, Component]]:
+        components: list[tuple[str, Component]] = []
+        if self.settings.ws.enabled:
+            from edge.wsserver import WsServer  # noqa: PLC0415
+
+            server = WsServer(
+                self.settings.ws, self.settings.device_id, self.runtime, self.store, self.bus
+            )
+            self.ws_server = server
+            components.append(("websocket", server))
+        if self.settings.mqtt.enabled:
+            from edge.mqtt import MqttPublisher  # noqa: PLC0415
+
+            publisher = MqttPublisher(
+                self.settings, self.runtime, self.store, self.bus, self.state, self.ws_url
+            )
+            components.append(("mqtt", publisher))
+        return components
+
+    def _on_capture(self, capture_state: CaptureState, error: str | None) -> None:
+        self.state.capture_state = capture_state
+        self.state.capture_error = error
+        self.state.device_name = self.source.name
+        if self.supervisor is not None:
+            self.state.stream_restarts = self.supervisor.restarts
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the agent cleanly (POSIX; on Windows Ctrl-C raises)."""
+        if sys.platform == "win32":
+            return
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+
+
+async def run_agent(settings: AgentSettings, source: AudioSource | None = None) -> None:
+    agent = Agent(settings, source)
+    agent.install_signal_handlers()
+    await agent.run()

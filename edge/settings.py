@@ -1,0 +1,427 @@
+"""The agent's settings: one root `AgentSettings`, one nested section per component.
+
+Sources, highest priority first: constructor arguments (CLI flags), environment variables
+(`SOUNDEDGE_...`, nested with `__`), a `.env` file, an optional JSON config file
+(`SOUNDEDGE_CONFIG_FILE` or `--config`), then the defaults declared here. Runtime changes made
+through the MQTT `set` command are stored separately (see `edge.runtime`) and applied on top.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from edge.errors import SettingsError
+
+ENV_PREFIX = "SOUNDEDGE_"
+CONFIG_FILE_ENV = "SOUNDEDGE_CONFIG_FILE"
+
+# Device ids end up in MQTT topics, file names and URLs: keep them to a safe alphabet.
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+def _default_device_id() -> str:
+    host = socket.gethostname().split(".")[0]
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in host).strip("-_")
+    return safe or "soundedge"
+
+
+class AudioSettings(BaseModel):
+    """The sound card and the ring of buffers that holds the most recent audio."""
+
+    device: str | None = Field(
+        default=None,
+        description="Input device: an index or part of its name (e.g. 'Play! 3'); the name is "
+        "stable across reboots, the index is not. Empty: the system default input.",
+    )
+    samplerate: int = Field(default=48000, ge=8000, le=384000, description="Sample rate in Hz.")
+    channels: int = Field(default=1, ge=1, le=32, description="Number of input channels.")
+    blocksize: int = Field(
+        default=1024,
+        ge=64,
+        le=65536,
+        description="Frames per audio callback block (1024 frames = 21.3 ms at 48 kHz).",
+    )
+    latency: Literal["low", "high"] | float = Field(
+        default="high",
+        description="PortAudio input latency: 'low', 'high' or seconds. 'high' avoids overflows "
+        "on a busy Raspberry Pi.",
+    )
+    ring_buffers: int = Field(
+        default=30, ge=2, le=10000, description="Number of buffers in the ring of recent audio."
+    )
+    buffer_s: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=600.0,
+        description="Seconds of audio per ring buffer; ring capacity = ring_buffers × buffer_s.",
+    )
+    dead_input_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="Seconds of all-zero, constant or clipped input before the input is flagged "
+        "as dead (a broken microphone or cable).",
+    )
+    stall_timeout_s: float = Field(
+        default=3.0,
+        gt=0.0,
+        description="Seconds without any audio block before the stream is considered lost and "
+        "reopened.",
+    )
+    reopen_backoff_max_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="Longest wait in seconds between attempts to (re)open the sound card.",
+    )
+
+    @property
+    def ring_s(self) -> float:
+        """Total seconds of audio the ring holds."""
+        return self.ring_buffers * self.buffer_s
+
+
+class DetectorSettings(BaseModel):
+    """The sound event detector. All of these can be changed at run time."""
+
+    frame_s: float = Field(
+        default=0.01, ge=0.002, le=0.1, description="Analysis frame length in seconds."
+    )
+    threshold_db: float = Field(
+        default=10.0,
+        ge=0.0,
+        le=80.0,
+        description="An event starts when the level rises this many dB above the noise floor.",
+    )
+    release_db: float = Field(
+        default=6.0,
+        ge=0.0,
+        le=80.0,
+        description="An event may end when the level falls below floor + release_db "
+        "(hysteresis; must not exceed threshold_db).",
+    )
+    min_level_dbfs: float = Field(
+        default=-70.0,
+        ge=-160.0,
+        le=0.0,
+        description="Absolute minimum level in dBFS for an event to start.",
+    )
+    min_event_s: float = Field(
+        default=0.03, ge=0.0, le=60.0, description="Shortest event in seconds; shorter are dropped."
+    )
+    hang_s: float = Field(
+        default=0.3,
+        ge=0.0,
+        le=60.0,
+        description="Gaps shorter than this many seconds merge into one event.",
+    )
+    max_event_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        le=3600.0,
+        description="Longest event in seconds; a longer sound is split into consecutive events.",
+    )
+    highpass_hz: float | None = Field(
+        default=100.0, ge=1.0, description="High-pass filter corner in Hz (empty: off)."
+    )
+    lowpass_hz: float | None = Field(
+        default=None, ge=1.0, description="Low-pass filter corner in Hz (empty: off)."
+    )
+    a_weighting: bool = Field(default=False, description="Apply A-weighting before levels.")
+    calibration_db: float = Field(
+        default=0.0,
+        ge=-200.0,
+        le=200.0,
+        description="Added to dBFS to report dB SPL (0: levels stay in dBFS).",
+    )
+    floor_window_s: float = Field(
+        default=10.0,
+        ge=0.5,
+        le=3600.0,
+        description="Time window in seconds over which the noise floor is tracked.",
+    )
+
+    @model_validator(mode="after")
+    def _release_below_threshold(self) -> DetectorSettings:
+        if self.release_db > self.threshold_db:
+            raise ValueError(
+                f"release_db ({self.release_db}) must not exceed threshold_db ({self.threshold_db})"
+            )
+        if (
+            self.highpass_hz is not None
+            and self.lowpass_hz is not None
+            and self.lowpass_hz <= self.highpass_hz
+        ):
+            raise ValueError("lowpass_hz must be above highpass_hz")
+        return self
+
+
+class RecordingSettings(BaseModel):
+    """How each event is written to a file."""
+
+    pre_roll_s: float = Field(
+        default=2.0, ge=0.0, le=600.0, description="Seconds of audio kept before the onset."
+    )
+    post_roll_s: float = Field(
+        default=2.0, ge=0.0, le=600.0, description="Seconds of audio kept after the offset."
+    )
+    format: Literal["wav", "flac"] = Field(default="wav", description="Event file format.")
+    subtype: Literal["PCM_16", "PCM_24", "FLOAT"] = Field(
+        default="PCM_16", description="Sample encoding (FLAC supports PCM_16 and PCM_24)."
+    )
+
+    @model_validator(mode="after")
+    def _flac_subtype(self) -> RecordingSettings:
+        if self.format == "flac" and self.subtype == "FLOAT":
+            raise ValueError("FLAC cannot store FLOAT samples; use PCM_16 or PCM_24")
+        return self
+
+
+class StorageSettings(BaseModel):
+    """Disk use of event files (retention)."""
+
+    max_disk_mb: float = Field(
+        default=2000.0,
+        gt=0.0,
+        description="Soft limit in MB for event files: above it collected files are deleted, "
+        "oldest first.",
+    )
+    hard_max_disk_mb: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Hard limit in MB: above it even uncollected files are deleted, oldest "
+        "first (empty: 1.5 × max_disk_mb).",
+    )
+    min_free_mb: float = Field(
+        default=200.0,
+        ge=0.0,
+        description="Keep at least this many MB free on the data disk (deleting collected "
+        "files first, then the oldest).",
+    )
+
+    @property
+    def hard_limit_mb(self) -> float:
+        return (
+            self.hard_max_disk_mb if self.hard_max_disk_mb is not None else self.max_disk_mb * 1.5
+        )
+
+
+class MqttSettings(BaseModel):
+    """The MQTT broker connection."""
+
+    enabled: bool = Field(default=True, description="Publish to an MQTT broker.")
+    host: str = Field(default="localhost", min_length=1, description="Broker host name or IP.")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port.")
+    username: str | None = Field(default=None, description="User name (empty: anonymous).")
+    password: SecretStr | None = Field(default=None, description="Password.")
+    topic_prefix: str = Field(
+        default="soundedge",
+        pattern=r"^[^#+\s][^#+\s]*$",
+        description="First level of every topic; no '#', '+' or spaces.",
+    )
+    protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version.")
+    client_id: str | None = Field(
+        default=None, description="MQTT client id (empty: 'soundedge-<device_id>')."
+    )
+    keepalive_s: int = Field(default=30, ge=5, le=3600, description="Keepalive in seconds.")
+    tls: bool = Field(default=False, description="Connect with TLS.")
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA certificate file (empty: the system's CAs)."
+    )
+    tls_cert_file: Path | None = Field(default=None, description="Client certificate file.")
+    tls_key_file: Path | None = Field(default=None, description="Client private key file.")
+    tls_insecure: bool = Field(
+        default=False, description="Skip certificate verification (testing only)."
+    )
+    reconnect_min_s: float = Field(
+        default=1.0, gt=0.0, description="First reconnect delay in seconds."
+    )
+    reconnect_max_s: float = Field(
+        default=60.0, gt=0.0, description="Longest reconnect delay in seconds."
+    )
+    health_interval_s: float = Field(
+        default=30.0, ge=1.0, description="Seconds between retained health messages."
+    )
+    level_interval_s: float = Field(
+        default=10.0, ge=0.0, description="Seconds between level messages (0: off)."
+    )
+    discovery: bool = Field(default=True, description="Publish Home Assistant discovery.")
+    discovery_prefix: str = Field(
+        default="homeassistant", description="Home Assistant discovery topic prefix."
+    )
+
+
+class WsSettings(BaseModel):
+    """The websocket server through which controllers collect event files."""
+
+    enabled: bool = Field(default=True, description="Run the websocket server.")
+    host: str = Field(default="0.0.0.0", description="Address to listen on.")
+    port: int = Field(default=8765, ge=0, le=65535, description="TCP port (0: any free port).")
+    token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token clients must present; empty refuses every client.",
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="URL announced in MQTT info (empty: ws://<host name>:<port>).",
+    )
+    max_clients: int = Field(
+        default=4, ge=1, le=1000, description="Concurrent websocket connections at most (count)."
+    )
+    chunk_bytes: int = Field(
+        default=256 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Bytes per binary frame of a file transfer (256 KiB by default).",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate (chain) file; with tls_key_file: serve wss://."
+    )
+    tls_key_file: Path | None = Field(
+        default=None, description="PEM private key file of tls_cert_file."
+    )
+    hello_timeout_s: float = Field(
+        default=5.0,
+        gt=0.0,
+        le=300.0,
+        description="Seconds a new connection has to send `hello` before it is closed.",
+    )
+    ping_interval_s: float = Field(
+        default=20.0,
+        gt=0.0,
+        le=3600.0,
+        description="Seconds between keepalive pings to each client.",
+    )
+    ping_timeout_s: float = Field(
+        default=20.0,
+        gt=0.0,
+        le=3600.0,
+        description="Seconds without a pong before a client is considered gone and dropped.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> WsSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        return self
+
+
+def _find_config_file(init_kwargs: dict[str, Any]) -> Path | None:
+    explicit = init_kwargs.get("config_file") or os.environ.get(CONFIG_FILE_ENV)
+    return Path(explicit) if explicit else None
+
+
+class AgentSettings(BaseSettings):
+    """Root settings of the edge agent (`soundedge`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    config_file: Path | None = Field(
+        default=None,
+        description="JSON file with settings (environment variables override it).",
+    )
+    device_id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN)] = Field(
+        default_factory=_default_device_id,
+        description="This agent's id in topics and file names (default: the host name).",
+    )
+    data_dir: Path = Field(
+        default=Path("soundedge-data"),
+        description="Directory for event files, the event log, the outbox and runtime state.",
+    )
+    enabled: bool = Field(default=True, description="Detect and record events.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level."
+    )
+    audio: AudioSettings = Field(default_factory=AudioSettings)
+    detector: DetectorSettings = Field(default_factory=DetectorSettings)
+    recording: RecordingSettings = Field(default_factory=RecordingSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    ws: WsSettings = Field(default_factory=WsSettings)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        init_kwargs = getattr(init_settings, "init_kwargs", {})
+        config_path = _find_config_file(init_kwargs)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        if config_path is not None:
+            sources.append(JsonConfigSettingsSource(settings_cls, json_file=config_path))
+        sources.append(file_secret_settings)
+        return tuple(sources)
+
+
+def env_name(loc: tuple[int | str, ...], prefix: str = ENV_PREFIX) -> str:
+    """The environment variable that sets the field at `loc` (e.g. SOUNDEDGE_AUDIO__SAMPLERATE)."""
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    # Validators of a whole section report the section itself; name its variables' prefix.
+    return prefix + "__".join(p.upper() for p in parts)
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = ENV_PREFIX) -> str:
+    """One line per problem, naming the environment variable and what is allowed."""
+    lines = []
+    for err in exc.errors():
+        name = env_name(err["loc"], prefix)
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {str(value)[:60]!r})"
+        lines.append(f"{name}: {err['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def load_settings(**overrides: Any) -> AgentSettings:
+    """Load and validate the agent's settings; raise `SettingsError` with a one-line message."""
+    config_path = _find_config_file(overrides)
+    if config_path is not None:
+        _check_config_file(config_path)
+    try:
+        return AgentSettings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from exc
+
+
+def _check_config_file(path: Path) -> None:
+    """Give a clear error for a missing or malformed config file (pydantic would say little)."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SettingsError(f"{CONFIG_FILE_ENV}: config file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{CONFIG_FILE_ENV}: cannot read {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{CONFIG_FILE_ENV}: {path} is not valid JSON: {exc}") from exc
+    if not isinstance(content, dict):
+        raise SettingsError(f"{CONFIG_FILE_ENV}: {path} must hold a JSON object")
+
+
+def masked_dump(settings: BaseSettings | BaseModel) -> dict[str, Any]:
+    """The settings as JSON-ready data with secrets replaced by '**********'."""
+    return settings.model_dump(mode="json")
