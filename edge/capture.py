@@ -384,17 +384,19 @@ class CaptureSupervisor:
                 await asyncio.to_thread(self._reinitialise)
                 continue
             self.generation += 1
-            if reported is not None or self.generation > 1:
-                logger.info("capturing from %s again", self.source.name)
-            else:
-                logger.info("capturing from %s", self.source.name)
+            again = reported is not None or self.generation > 1
             reported = None
             delay_s = 0.5
             self._on_state("running", None)
             opened_at = time.monotonic()
+            flowing = False
             while not stop.is_set():
                 await _wait(stop, 0.25)
                 last = max(self.source.last_block_monotonic, opened_at)
+                if not flowing and self.source.last_block_monotonic > opened_at:
+                    # Said once audio arrives: opening a device is not the same as hearing it.
+                    flowing = True
+                    logger.info("capturing from %s%s", self.source.name, " again" if again else "")
                 if not self.source.active:
                     problem = f"input device {self.source.name} stopped delivering audio"
                 elif time.monotonic() - last > self._settings.stall_timeout_s:

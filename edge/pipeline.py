@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import numpy as np
 
@@ -261,7 +261,9 @@ class Pipeline:
             seq=seq,
             device_id=settings.device_id,
             onset_time=onset_time,
-            file_start_time=self._clock.time_of(first),
+            # Spans inside one file come from sample counts, not the wall clock.
+            file_start_time=onset_time
+            - timedelta(seconds=(event.sample - first) / self._samplerate),
             samplerate=self._samplerate,
             channels=self._channels,
             recording=settings.recording,
@@ -316,7 +318,9 @@ class Pipeline:
         offset = (
             recording.offset_frame if recording.offset_frame is not None else recording.next_frame
         )
-        offset_time = self._clock.time_of(offset)
+        offset_time = recording.writer.meta.onset_time + timedelta(
+            seconds=(offset - recording.onset_frame) / self._samplerate
+        )
         future = asyncio.wrap_future(self._writer.submit(self._finish_file, recording, offset_time))
         self._finishing.add(future)
         future.add_done_callback(self._on_finished)

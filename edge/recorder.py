@@ -205,7 +205,10 @@ def append_guano_chunk(path: Path, metadata: bytes) -> None:
 def read_guano(path: Path) -> dict[str, str]:
     """The GUANO fields of a WAV file as 'Namespace|Key' -> text (for tests and tools)."""
     md = guano.GuanoFile(str(path))
-    return {("|".join(k) if isinstance(k, tuple) else k): str(v) for k, v in md.items_namespaced()}
+    return {
+        (f"{namespace}|{key}" if namespace else key): str(value)
+        for namespace, key, value in md.items_namespaced()
+    }
 
 
 def _fsync_file(path: Path) -> None:

@@ -67,6 +67,7 @@ def fsync_dir(directory: Path) -> None:
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new content."""
     tmp = path.with_name(f".{path.name}{PART_SUFFIX}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tmp.open("wb") as handle:
         handle.write(data)
         handle.flush()
