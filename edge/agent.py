@@ -23,6 +23,7 @@ from edge.runtime import RuntimeConfig
 from edge.settings import AgentSettings
 from edge.state import AgentState, CaptureState
 from edge.store import EventStore
+from edge.watchdog import ServiceWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +79,31 @@ class Agent:
         )
         self.pipeline = pipeline
 
+        wake_pending = False
+
+        def on_loop_wake() -> None:
+            nonlocal wake_pending
+            wake_pending = False
+            pipeline.wake()
+
         def on_audio_thread_wake() -> None:
-            # Runs on the PortAudio thread: hand over to the loop and nothing else.
+            # Runs on the PortAudio thread: hand over to the loop and nothing else. One pending
+            # wake-up at a time, so a misbehaving driver calling back in a tight loop cannot
+            # flood the loop with handles.
+            nonlocal wake_pending
+            if wake_pending:
+                return
+            wake_pending = True
             with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-                loop.call_soon_threadsafe(pipeline.wake)
+                loop.call_soon_threadsafe(on_loop_wake)
 
         supervisor = CaptureSupervisor(
-            self.settings.audio, self.source, self.ring, on_audio_thread_wake, self._on_capture
+            self.settings.audio,
+            self.source,
+            self.ring,
+            on_audio_thread_wake,
+            self._on_capture,
+            on_wedged=self.request_stop,
         )
         self.supervisor = supervisor
         publishers = self._publishers()
@@ -95,6 +114,9 @@ class Agent:
                 for name, component in publishers:
                     tasks.create_task(component.run(self.stop_publishers), name=name)
                 tasks.create_task(self._stop_publishers_after(pipeline_task), name="shutdown")
+                # systemd readiness and liveness: pings only while audio is really flowing.
+                watchdog = ServiceWatchdog(self.state, stall_s=self.settings.audio.ring_s)
+                tasks.create_task(watchdog.run(self.stop_capture), name="systemd")
                 self.started.set()
         finally:
             self.state.capture_state = "stopped"
@@ -140,8 +162,15 @@ class Agent:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
 
+    @property
+    def needs_restart(self) -> bool:
+        """The audio driver hung: only a new process can capture again."""
+        return self.supervisor is not None and self.supervisor.wedged
 
-async def run_agent(settings: AgentSettings, source: AudioSource | None = None) -> None:
+
+async def run_agent(settings: AgentSettings, source: AudioSource | None = None) -> bool:
+    """Run an agent until stopped; True if it stopped because it needs a restart."""
     agent = Agent(settings, source)
     agent.install_signal_handlers()
     await agent.run()
+    return agent.needs_restart

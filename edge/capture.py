@@ -45,6 +45,7 @@ class AudioSource(Protocol):
 
     name: str
     overflows: int
+    paced: bool  # delivers in real time (a sound card): faster means the driver is failing
 
     def open(self, ring: AudioRing, wake: WakeUp) -> None:
         """Start delivering audio into `ring`; raise AudioDeviceError if that is impossible."""
@@ -153,6 +154,7 @@ class SoundCardSource:
         self._settings = settings
         self.name = settings.device or "default input"
         self.overflows = 0
+        self.paced = True
         self._stream: Any = None
         self._ring: AudioRing | None = None
         self._wake: WakeUp = lambda: None
@@ -264,6 +266,7 @@ class FileSource:
         self.path = path
         self.name = f"file:{path.name}"
         self.overflows = 0
+        self.paced = realtime
         self._blocksize = blocksize
         self._realtime = realtime
         self._loop = loop
@@ -353,6 +356,7 @@ class CaptureSupervisor:
         wake: WakeUp,
         on_state: Callable[[CaptureState, str | None], None],
         reinitialise: Callable[[], None] = reinitialise_portaudio,
+        on_wedged: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self.source = source
@@ -360,6 +364,8 @@ class CaptureSupervisor:
         self._wake = wake
         self._on_state = on_state
         self._reinitialise = reinitialise
+        self._on_wedged = on_wedged
+        self.wedged = False  # the driver hung; the process must restart to use audio again
         self.generation = 0  # increases with every successful open (the clock anchor resets)
         self.restarts = 0
 
@@ -390,6 +396,7 @@ class CaptureSupervisor:
             self._on_state("running", None)
             opened_at = time.monotonic()
             flowing = False
+            pacing = _RateMeter(self._settings.samplerate, self._ring.frames_written)
             while not stop.is_set():
                 await _wait(stop, 0.25)
                 last = max(self.source.last_block_monotonic, opened_at)
@@ -397,8 +404,16 @@ class CaptureSupervisor:
                     # Said once audio arrives: opening a device is not the same as hearing it.
                     flowing = True
                     logger.info("capturing from %s%s", self.source.name, " again" if again else "")
+                rate_factor = pacing.update(self._ring.frames_written)
                 if not self.source.active:
                     problem = f"input device {self.source.name} stopped delivering audio"
+                elif self.source.paced and rate_factor > RUNAWAY_FACTOR:
+                    # A failing driver can call back in a tight loop with junk (seen with the
+                    # ALSA pulse plugin when its server dies): treat it as a lost device.
+                    problem = (
+                        f"input device {self.source.name} delivers audio {rate_factor:.0f}× "
+                        "faster than real time"
+                    )
                 elif time.monotonic() - last > self._settings.stall_timeout_s:
                     problem = (
                         f"no audio from {self.source.name} for "
@@ -410,10 +425,49 @@ class CaptureSupervisor:
                 self._on_state("waiting_for_device", problem)
                 self.restarts += 1
                 break
-            await asyncio.to_thread(self.source.close)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.source.close), CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                # A wedged driver thread (seen with ALSA's pulse plugin when its source
+                # vanishes): PortAudio cannot be re-initialised under it in this process. Stop
+                # cleanly so the service manager restarts the agent with a fresh PortAudio.
+                logger.error(
+                    "the audio driver did not release %s; stopping so that the service "
+                    "manager restarts the agent (exit status %d)",
+                    self.source.name,
+                    EXIT_AUDIO_WEDGED,
+                )
+                self.wedged = True
+                self._on_state("waiting_for_device", "audio driver wedged; restart needed")
+                if self._on_wedged is not None:
+                    self._on_wedged()
+                break
             if not stop.is_set():
                 await asyncio.to_thread(self._reinitialise)
         self._on_state("stopped", None)
+
+
+RUNAWAY_FACTOR = 4.0
+CLOSE_TIMEOUT_S = 10.0
+# EX_TEMPFAIL: systemd's Restart=always brings the agent back with a fresh PortAudio.
+EXIT_AUDIO_WEDGED = 75
+
+
+class _RateMeter:
+    """How fast frames arrive compared with real time, over windows of about a second."""
+
+    def __init__(self, samplerate: int, frames: int) -> None:
+        self._samplerate = samplerate
+        self._frames = frames
+        self._since = time.monotonic()
+        self.factor = 0.0
+
+    def update(self, frames: int) -> float:
+        elapsed = time.monotonic() - self._since
+        if elapsed >= 1.0:
+            self.factor = (frames - self._frames) / self._samplerate / elapsed
+            self._frames, self._since = frames, time.monotonic()
+        return self.factor
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--buffer-seconds", type=float, help="ring mode: seconds per buffer")
     record.add_argument(
         "--stop-after", type=float, help=argparse.SUPPRESS
-    )  # ring mode, for tests: behave as if Ctrl-C came after this many seconds
+    )  # ring mode, for tests: behave as if Ctrl-C came after this many seconds of audio
 
     level = sub.add_parser("level", help="live level meter (dBFS now, peak, noise floor)")
     level.add_argument("--seconds", type=float, help="stop after this many seconds")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import signal
 import sys
 import threading
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.capture import list_input_devices, resolve_device
+from edge.capture import EXIT_AUDIO_WEDGED, list_input_devices, resolve_device
 from edge.errors import AudioDeviceError, SettingsError, SoundedgeError, StorageError
 from edge.ring import AudioRing
 from edge.settings import AgentSettings, masked_dump
@@ -128,7 +130,7 @@ def cmd_record(args: argparse.Namespace, settings: AgentSettings) -> int:
                 "Ctrl-C stops and saves",
                 file=sys.stderr,
             )
-            done.wait(args.stop_after)
+            _wait_until_done(done, ring, args.stop_after, audio.samplerate)
     except sd.PortAudioError as exc:
         raise AudioDeviceError(f"recording from '{device.name}' failed: {exc}") from exc
     data = ring.read(ring.first_available, ring.frames_written)
@@ -138,6 +140,19 @@ def cmd_record(args: argparse.Namespace, settings: AgentSettings) -> int:
         f" ({overflows} overflows)"
     )
     return 0
+
+
+def _wait_until_done(
+    done: threading.Event, ring: AudioRing, stop_after_s: float | None, samplerate: int
+) -> None:
+    """Until Ctrl-C/SIGTERM, or (tests) until `stop_after_s` seconds of audio were captured."""
+    if stop_after_s is None:
+        done.wait()
+        return
+    deadline = time.monotonic() + 3 * stop_after_s + 30  # a device that never delivers
+    while not done.wait(0.05) and time.monotonic() < deadline:
+        if ring.frames_written >= stop_after_s * samplerate:
+            return
 
 
 def _stop_on_signals(done: threading.Event) -> None:
@@ -226,13 +241,20 @@ def cmd_run(args: argparse.Namespace, settings: AgentSettings) -> int:
     from edge.agent import run_agent  # noqa: PLC0415
 
     try:
-        asyncio.run(run_agent(settings))
+        needs_restart = asyncio.run(run_agent(settings))
     except ExceptionGroup as group:
         # A task of the agent failed: show our own error as one line, anything else is a bug.
         matched, _rest = group.split(SoundedgeError)
         if matched is None:
             raise
         raise _first_leaf(matched) from None
+    if needs_restart:
+        # Files are finished and logged. Skip interpreter exit: PortAudio's exit handler would
+        # wait forever on the wedged driver thread.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_AUDIO_WEDGED)
     return 0
 
 

@@ -134,7 +134,9 @@ def render() -> str:
                 live = _live_fields(name) if is_agent else None
                 section_title = (annotation.__doc__ or name).strip().splitlines()[0]
                 out.append(
-                    _table(annotation, f"{prefix}{name.upper()}__", live, f"`{name}`: {section_title}")
+                    _table(
+                        annotation, f"{prefix}{name.upper()}__", live, f"`{name}`: {section_title}"
+                    )
                 )
     return "\n".join(out)
 

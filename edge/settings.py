@@ -95,60 +95,85 @@ class DetectorSettings(BaseModel):
     """The sound event detector. All of these can be changed at run time."""
 
     frame_s: float = Field(
-        default=0.01, ge=0.002, le=0.1, description="Analysis frame length in seconds."
+        default=0.01,
+        ge=0.002,
+        le=0.1,
+        description="Analysis frame length in seconds, 0.002-0.1 (rounded to a multiple of "
+        "32 samples at 48 kHz: 0.01 s is exactly 480 samples).",
     )
     threshold_db: float = Field(
-        default=10.0,
+        default=5.0,
         ge=0.0,
         le=80.0,
-        description="An event starts when the level rises this many dB above the noise floor.",
+        description="An event starts when the level, broadband or in any octave band, rises "
+        "this many dB (0-80) above what the background reaches there (its noise floor plus "
+        "its own measured fluctuation).",
     )
     release_db: float = Field(
-        default=6.0,
+        default=2.5,
         ge=0.0,
         le=80.0,
-        description="An event may end when the level falls below floor + release_db "
-        "(hysteresis; must not exceed threshold_db).",
+        description="An event may end when the level falls below that same reference plus "
+        "release_db, in dB (0-80; hysteresis, must not exceed threshold_db).",
     )
     min_level_dbfs: float = Field(
         default=-70.0,
         ge=-160.0,
         le=0.0,
-        description="Absolute minimum level in dBFS for an event to start.",
+        description="Absolute minimum broadband level for an event to start, in dBFS "
+        "(-160-0; compared after calibration_db, so in dB SPL when that is set).",
     )
     min_event_s: float = Field(
-        default=0.03, ge=0.0, le=60.0, description="Shortest event in seconds; shorter are dropped."
+        default=0.03,
+        ge=0.0,
+        le=60.0,
+        description="Shortest event in seconds (0-60); shorter sounds are dropped. The start "
+        "is reported once an event has lasted this long (plus at most one frame).",
     )
     hang_s: float = Field(
         default=0.3,
         ge=0.0,
         le=60.0,
-        description="Gaps shorter than this many seconds merge into one event.",
+        description="Hang time in seconds (0-60): gaps shorter than this merge into one "
+        "event; the end is reported this long after the sound stops.",
     )
     max_event_s: float = Field(
         default=60.0,
         gt=0.0,
         le=3600.0,
-        description="Longest event in seconds; a longer sound is split into consecutive events.",
+        description="Longest event in seconds (0-3600, above 0); a longer sound is split "
+        "into consecutive events.",
     )
     highpass_hz: float | None = Field(
-        default=100.0, ge=1.0, description="High-pass filter corner in Hz (empty: off)."
+        default=100.0,
+        ge=1.0,
+        description="High-pass corner in Hz (at least 1; empty: off), 24 dB/octave below "
+        "750 Hz: takes mains hum and wind rumble down (what is left of them is steady and "
+        "goes into the noise floor).",
     )
     lowpass_hz: float | None = Field(
-        default=None, ge=1.0, description="Low-pass filter corner in Hz (empty: off)."
+        default=None,
+        ge=1.0,
+        description="Low-pass corner in Hz (at least 1; empty: off), 24 dB/octave below "
+        "750 Hz, per octave band above.",
     )
-    a_weighting: bool = Field(default=False, description="Apply A-weighting before levels.")
+    a_weighting: bool = Field(
+        default=False, description="Apply A-weighting (IEC 61672) to the levels (true/false)."
+    )
     calibration_db: float = Field(
         default=0.0,
         ge=-200.0,
         le=200.0,
-        description="Added to dBFS to report dB SPL (0: levels stay in dBFS).",
+        description="Calibration in dB (-200-200) added to every reported level to give dB "
+        "SPL (0: levels stay in dBFS, where a full-scale sine is 0 dBFS).",
     )
     floor_window_s: float = Field(
         default=10.0,
         ge=0.5,
         le=3600.0,
-        description="Time window in seconds over which the noise floor is tracked.",
+        description="Noise floor memory in seconds (0.5-3600): a sound that lasts longer "
+        "than about this is taken into the background. Drifts of a few dB per second are "
+        "followed regardless.",
     )
 
     @model_validator(mode="after")
@@ -163,6 +188,10 @@ class DetectorSettings(BaseModel):
             and self.lowpass_hz <= self.highpass_hz
         ):
             raise ValueError("lowpass_hz must be above highpass_hz")
+        if self.min_event_s > self.max_event_s:
+            raise ValueError(
+                f"min_event_s ({self.min_event_s}) must not exceed max_event_s ({self.max_event_s})"
+            )
         return self
 
 
@@ -221,9 +250,15 @@ class MqttSettings(BaseModel):
 
     enabled: bool = Field(default=True, description="Publish to an MQTT broker.")
     host: str = Field(default="localhost", min_length=1, description="Broker host name or IP.")
-    port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port.")
-    username: str | None = Field(default=None, description="User name (empty: anonymous).")
-    password: SecretStr | None = Field(default=None, description="Password.")
+    port: int = Field(
+        default=1883, ge=1, le=65535, description="Broker TCP port (usually 1883; 8883 for TLS)."
+    )
+    username: str | None = Field(
+        default=None,
+        description="User name (empty: anonymous). With the ACL in mosquitto/ it must be the "
+        "device id.",
+    )
+    password: SecretStr | None = Field(default=None, description="Password of `username`.")
     topic_prefix: str = Field(
         default="soundedge",
         pattern=r"^[^#+\s][^#+\s]*$",
@@ -233,18 +268,35 @@ class MqttSettings(BaseModel):
     client_id: str | None = Field(
         default=None, description="MQTT client id (empty: 'soundedge-<device_id>')."
     )
-    keepalive_s: int = Field(default=30, ge=5, le=3600, description="Keepalive in seconds.")
-    tls: bool = Field(default=False, description="Connect with TLS.")
+    keepalive_s: int = Field(
+        default=30,
+        ge=5,
+        le=3600,
+        description="Keepalive in seconds; the broker publishes the last will ('offline') after "
+        "1.5 × this without traffic.",
+    )
+    tls: bool = Field(
+        default=False,
+        description="Connect with TLS; the server certificate and host name are verified unless "
+        "tls_insecure.",
+    )
     tls_ca_file: Path | None = Field(
         default=None, description="CA certificate file (empty: the system's CAs)."
     )
-    tls_cert_file: Path | None = Field(default=None, description="Client certificate file.")
-    tls_key_file: Path | None = Field(default=None, description="Client private key file.")
+    tls_cert_file: Path | None = Field(
+        default=None, description="Client certificate file (PEM), for brokers that require one."
+    )
+    tls_key_file: Path | None = Field(
+        default=None,
+        description="Private key of the client certificate (PEM; empty: in the certificate file).",
+    )
     tls_insecure: bool = Field(
         default=False, description="Skip certificate verification (testing only)."
     )
     reconnect_min_s: float = Field(
-        default=1.0, gt=0.0, description="First reconnect delay in seconds."
+        default=1.0,
+        gt=0.0,
+        description="First reconnect delay in seconds; it doubles per failed attempt, with jitter.",
     )
     reconnect_max_s: float = Field(
         default=60.0, gt=0.0, description="Longest reconnect delay in seconds."
@@ -257,8 +309,19 @@ class MqttSettings(BaseModel):
     )
     discovery: bool = Field(default=True, description="Publish Home Assistant discovery.")
     discovery_prefix: str = Field(
-        default="homeassistant", description="Home Assistant discovery topic prefix."
+        default="homeassistant",
+        pattern=r"^[^#+\s][^#+\s]*$",
+        description="Home Assistant discovery topic prefix; no '#', '+' or spaces.",
     )
+
+    @model_validator(mode="after")
+    def _backoff_range(self) -> MqttSettings:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(
+                f"reconnect_max_s ({self.reconnect_max_s}) must not be below reconnect_min_s "
+                f"({self.reconnect_min_s})"
+            )
+        return self
 
 
 class WsSettings(BaseModel):

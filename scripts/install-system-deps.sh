@@ -3,7 +3,8 @@
 #   runtime:  libportaudio2 (PortAudio), libsndfile1 (sound files)
 #   broker:   mosquitto, mosquitto-clients
 #   tests:    pulseaudio + pulseaudio-utils + libasound2-plugins (the virtual microphone),
-#             ffmpeg (detector comparison), sox and espeak-ng (test sounds), systemd (unit checks)
+#             ffmpeg (detector comparison), sox and espeak-ng (test sounds), systemd (unit checks),
+#             and the linter for shell scripts (package shellcheck)
 # Idempotent; uses sudo when not root. Set SOUNDEDGE_SKIP_APT=1 to skip (packages managed
 # elsewhere).
 set -euo pipefail
@@ -14,7 +15,7 @@ PACKAGES=(
   mosquitto mosquitto-clients
   pulseaudio pulseaudio-utils libasound2-plugins alsa-utils
   ffmpeg sox espeak-ng
-  systemd
+  systemd shellcheck
 )
 
 if [[ "${SOUNDEDGE_SKIP_APT:-0}" == "1" ]]; then

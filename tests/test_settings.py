@@ -77,7 +77,7 @@ def test_invalid_values_name_the_variable(
 def test_cross_field_rule_names_the_section(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOUNDEDGE_RECORDING__FORMAT", "flac")
     monkeypatch.setenv("SOUNDEDGE_RECORDING__SUBTYPE", "FLOAT")
-    with pytest.raises(SettingsError, match="SOUNDEDGE_RECORDING.*FLAC cannot store FLOAT"):
+    with pytest.raises(SettingsError, match=r"SOUNDEDGE_RECORDING.*FLAC cannot store FLOAT"):
         load_settings()
 
 

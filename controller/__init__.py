@@ -1,0 +1,1 @@
+"""soundedge controller: watches the fleet over MQTT and collects event files over websockets."""

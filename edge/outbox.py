@@ -1,0 +1,270 @@
+"""The durable outbox of event messages: nothing is removed before the broker's PUBACK.
+
+Two ordered streams, merged by `seq` when sent (start before end of the same event):
+- `end` messages come from the event log itself (the store is the truth): the outbox keeps only
+  a durable cursor, the highest seq whose `end` the broker acknowledged;
+- `start` messages are appended to `state/mqtt_starts.jsonl` (fsynced) before they are sent,
+  with their own acknowledged cursor; the file is emptied once everything in it was acknowledged.
+
+Both cursors live in `state/mqtt_outbox.json`, written atomically. A crash (kill -9, power loss)
+can only make a cursor lag, so a message may be delivered twice, never lost: consumers
+deduplicate by `event_id`. The store is assumed to append finished events in seq order (the
+pipeline finishes files in the order their events started).
+
+Methods that touch files are blocking (call them through `asyncio.to_thread`); a lock makes the
+outbox safe to use from the loop and a worker thread at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from edge.errors import StorageError
+from edge.messages.common import EventRecord
+from edge.messages.mqtt import EventEndMessage, EventStartMessage
+from edge.store import EventStore, fsync_dir, write_atomically
+
+logger = logging.getLogger(__name__)
+
+StreamName = Literal["start", "end"]
+FETCH_BATCH = 256  # `end` records read from the event log at a time
+_ORDER: dict[StreamName, int] = {"start": 0, "end": 1}
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """One event message waiting for a PUBACK."""
+
+    stream: StreamName
+    seq: int
+    payload: bytes
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (self.seq, _ORDER[self.stream])
+
+
+class _Stream:
+    """Acknowledgement bookkeeping of one ordered stream (in memory; the cursor is persisted)."""
+
+    def __init__(self, acked: int) -> None:
+        self.acked = acked  # highest seq acknowledged with every earlier one
+        self.sent = acked  # highest seq handed to the broker in this session
+        self._in_flight: deque[int] = deque()
+        self._acked_early: set[int] = set()
+
+    def mark_sent(self, seq: int) -> None:
+        self._in_flight.append(seq)
+        self.sent = max(self.sent, seq)
+
+    def ack(self, seq: int) -> None:
+        self._acked_early.add(seq)
+        while self._in_flight and self._in_flight[0] in self._acked_early:
+            done = self._in_flight.popleft()
+            self._acked_early.discard(done)
+            self.acked = max(self.acked, done)
+
+    def rewind(self) -> None:
+        """The connection dropped: everything not acknowledged will be sent again."""
+        self._in_flight.clear()
+        self._acked_early.clear()
+        self.sent = self.acked
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+
+class Outbox:
+    """Event messages of one device, delivered in order, at least once."""
+
+    def __init__(self, state_dir: Path, store: EventStore, ws_url: str) -> None:
+        self.store = store
+        self.ws_url = ws_url
+        self.cursor_path = state_dir / "mqtt_outbox.json"
+        self.starts_path = state_dir / "mqtt_starts.jsonl"
+        self._lock = threading.RLock()
+        self._starts: deque[EventStartMessage] = deque()  # unacknowledged, in seq order
+        # `end` records fetched from the store but not sent yet: the store's records_since
+        # scans the whole log, so it is called once per batch, not once per message.
+        self._ends: deque[EventRecord] = deque()
+        self._ends_fetched = 0  # highest seq in (or already taken from) the buffer
+        self._streams: dict[StreamName, _Stream] = {"start": _Stream(0), "end": _Stream(0)}
+        self._persisted: dict[StreamName, int] = {"start": 0, "end": 0}
+        self._starts_handle: Any = None
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Read the cursors and the pending start messages. Raises StorageError."""
+        try:
+            self.cursor_path.parent.mkdir(parents=True, exist_ok=True)
+            with self._lock:
+                cursors = self._read_cursors()
+                self._streams = {name: _Stream(cursors[name]) for name in ("start", "end")}
+                self._persisted = dict(cursors)
+                self._starts = deque(s for s in self._read_starts() if s.seq > cursors["start"])
+                self._ends.clear()
+                self._ends_fetched = cursors["end"]
+                created = not self.starts_path.exists()
+                self._starts_handle = self.starts_path.open("ab")
+                if created:  # the new file's directory entry must survive a power cut too
+                    fsync_dir(self.starts_path.parent)
+        except OSError as exc:
+            raise StorageError(f"MQTT outbox in {self.cursor_path.parent}: {exc}") from exc
+        if self.depth:
+            logger.info("MQTT outbox holds %d event messages to deliver", self.depth)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._starts_handle is not None:
+                self._starts_handle.close()
+                self._starts_handle = None
+
+    def _read_cursors(self) -> dict[StreamName, int]:
+        try:
+            raw = json.loads(self.cursor_path.read_text(encoding="utf-8"))
+            return {"start": int(raw["start"]), "end": int(raw["end"])}
+        except FileNotFoundError:
+            return {"start": 0, "end": 0}
+        except (ValueError, KeyError, TypeError) as exc:
+            # Losing the cursor must not lose events: start over and let consumers dedupe.
+            logger.error("unreadable %s (%s): resending every event", self.cursor_path, exc)
+            return {"start": 0, "end": 0}
+
+    def _read_starts(self) -> list[EventStartMessage]:
+        try:
+            raw = self.starts_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        starts = []
+        for line in raw.splitlines():
+            if not line.strip():
+                continue
+            try:
+                starts.append(EventStartMessage.model_validate_json(line))
+            except ValidationError:
+                # A line cut by a crash in mid-append: its event still gets its `end`.
+                logger.warning("skipping an unreadable line of %s", self.starts_path)
+        if raw and not raw.endswith(b"\n"):
+            with self.starts_path.open("ab") as handle:
+                handle.write(b"\n")
+        starts.sort(key=lambda s: s.seq)
+        return starts
+
+    # -- adding and sending -------------------------------------------------------------------
+
+    def add_start(self, message: EventStartMessage) -> None:
+        """Append a start message durably (blocking: fsync). Raises StorageError."""
+        line = message.model_dump_json().encode("utf-8") + b"\n"
+        with self._lock:
+            if self._starts_handle is None:
+                raise StorageError("the MQTT outbox is not open")
+            try:
+                self._starts_handle.write(line)
+                self._starts_handle.flush()
+                os.fsync(self._starts_handle.fileno())
+            except OSError as exc:
+                raise StorageError(f"cannot append to {self.starts_path}: {exc}") from exc
+            self._starts.append(message)
+
+    def next_items(self, limit: int, end_max_seq: int | None = None) -> list[OutboxItem]:
+        """Up to `limit` messages not yet sent in this session, in (seq, start-before-end) order.
+
+        `end_max_seq` holds back `end` messages of later events (whose `start` may still be on
+        its way into the outbox).
+        """
+        with self._lock:
+            start_after = self._streams["start"].sent
+            starts = list(itertools.islice((s for s in self._starts if s.seq > start_after), limit))
+            if not self._ends:
+                fetched = self.store.records_since(self._ends_fetched, max(limit, FETCH_BATCH))
+                self._ends.extend(fetched)
+                if fetched:
+                    self._ends_fetched = fetched[-1].seq
+            ends = list(itertools.islice(self._ends, limit))
+            if end_max_seq is not None:
+                ends = [r for r in ends if r.seq <= end_max_seq]
+            items = [OutboxItem("start", s.seq, s.model_dump_json().encode()) for s in starts]
+            items += [
+                OutboxItem(
+                    "end",
+                    r.seq,
+                    EventEndMessage.from_record(r, self.ws_url).model_dump_json().encode(),
+                )
+                for r in ends
+            ]
+            items.sort(key=lambda item: item.order)
+            return items[:limit]
+
+    def mark_sent(self, item: OutboxItem) -> None:
+        """`item` (from the head of `next_items`) went to the broker."""
+        with self._lock:
+            self._streams[item.stream].mark_sent(item.seq)
+            if item.stream == "end":
+                while self._ends and self._ends[0].seq <= item.seq:
+                    self._ends.popleft()
+
+    def ack(self, item: OutboxItem) -> None:
+        """The broker acknowledged `item` (QoS 1 PUBACK); persisted by the next `flush`."""
+        with self._lock:
+            stream = self._streams[item.stream]
+            stream.ack(item.seq)
+            if item.stream == "start":
+                while self._starts and self._starts[0].seq <= stream.acked:
+                    self._starts.popleft()
+
+    def rewind(self) -> None:
+        """The connection dropped: send everything unacknowledged again on the next one."""
+        with self._lock:
+            for stream in self._streams.values():
+                stream.rewind()
+            self._ends.clear()
+            self._ends_fetched = self._streams["end"].acked
+
+    def flush(self) -> None:
+        """Persist the acknowledged cursors; empty the start file once all of it is delivered.
+
+        Blocking. The cursor is written before the start file is emptied, so a crash between
+        the two leaves lines that `open` skips as already acknowledged.
+        """
+        with self._lock:
+            cursors = {name: stream.acked for name, stream in self._streams.items()}
+            if cursors == self._persisted:
+                return
+            try:
+                write_atomically(self.cursor_path, json.dumps(cursors).encode("utf-8"))
+                self._persisted = cursors
+                if not self._starts and self._starts_handle is not None:
+                    self._starts_handle.truncate(0)
+                    os.fsync(self._starts_handle.fileno())
+            except OSError as exc:
+                raise StorageError(f"cannot update {self.cursor_path}: {exc}") from exc
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Event messages not yet acknowledged (sent or not)."""
+        with self._lock:
+            ends = len(self.store.records_since(self._streams["end"].acked, 1 << 62))
+            return len(self._starts) + ends
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(stream.in_flight for stream in self._streams.values())
+
+    def acked_cursor(self, stream: StreamName) -> int:
+        with self._lock:
+            return self._streams[stream].acked

@@ -1,0 +1,404 @@
+"""The MQTT publisher against a real Mosquitto (the project's config), driven in-process with
+a real event store, bus and runtime config: availability, info, health, events, commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge.bus import EventBus, EventFinished, EventStarted
+from edge.messages.common import EventFile, EventRecord
+from edge.messages.mqtt import (
+    ConfigMessage,
+    EventEndMessage,
+    EventStartMessage,
+    HealthMessage,
+    InfoMessage,
+    LevelMessage,
+    SetReply,
+    parse_event_message,
+)
+from edge.mqtt import MqttPublisher
+from edge.runtime import RuntimeConfig
+from edge.settings import AgentSettings, MqttSettings
+from edge.state import AgentState
+from edge.store import EventStore
+from edge.topics import DeviceTopics
+from tests.fixtures.broker import Broker, MqttRecorder, Received
+
+pytestmark = pytest.mark.system
+
+WS_URL = "ws://dev-a.test:8765"
+T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+
+
+def agent_settings(
+    data_dir: Path, broker: Broker, user: str = "dev-a", **mqtt: Any
+) -> AgentSettings:
+    fields: dict[str, Any] = {
+        "host": broker.host,
+        "port": broker.port,
+        "username": user,
+        "password": broker.users.get(user, "wrong"),
+        "reconnect_min_s": 0.2,
+        "reconnect_max_s": 1.0,
+        "health_interval_s": 1.0,
+        "level_interval_s": 1.0,
+        **mqtt,
+    }
+    return AgentSettings(device_id=user, data_dir=data_dir, mqtt=MqttSettings(**fields))
+
+
+@dataclass
+class AgentUnderTest:
+    """The publisher with the real parts it reads, as the agent wires them."""
+
+    settings: AgentSettings
+    runtime: RuntimeConfig
+    store: EventStore
+    bus: EventBus
+    state: AgentState
+    publisher: MqttPublisher
+    stop: asyncio.Event
+    task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def build(cls, settings: AgentSettings) -> AgentUnderTest:
+        runtime = RuntimeConfig(settings)
+        runtime.load()
+        store = EventStore(settings.data_dir, settings.device_id, settings.storage)
+        store.open()
+        bus = EventBus()
+        state = AgentState(level_dbfs=-42.0, peak_dbfs=-30.0, noise_floor_dbfs=-60.0)
+        publisher = MqttPublisher(settings, runtime, store, bus, state, WS_URL)
+        return cls(settings, runtime, store, bus, state, publisher, asyncio.Event())
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.publisher.run(self.stop))
+
+    async def stop_clean(self, timeout_s: float = 30.0) -> None:
+        self.stop.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, timeout_s)
+        self.store.close()
+
+    def emit(self, finish: bool = True) -> EventRecord:
+        """An event as the pipeline reports it: `start` on the bus, then the finished record."""
+        seq = self.store.reserve_seq()
+        event_id = uuid.uuid4().hex
+        onset = T0 + timedelta(seconds=seq)
+        self.bus.publish(EventStarted(event_id, seq, onset, -20.0, -60.0))
+        record = EventRecord(
+            event_id=event_id,
+            seq=seq,
+            device_id=self.settings.device_id,
+            onset_time=onset,
+            offset_time=onset + timedelta(seconds=0.5),
+            duration_s=0.5,
+            file_start_time=onset - timedelta(seconds=2),
+            pre_roll_s=2.0,
+            post_roll_s=2.0,
+            peak_dbfs=-12.0,
+            noise_floor_dbfs=-60.0,
+            file=EventFile(
+                name=f"dev-a_{seq:06d}.wav",
+                size_bytes=1000 + seq,
+                sha256="ab" * 32,
+                format="wav",
+                duration_s=4.5,
+                samplerate=48000,
+                channels=1,
+            ),
+        )
+        if finish:
+            self.store.add(record, None)
+            self.bus.publish(EventFinished(record))
+        return record
+
+
+@pytest.fixture
+async def agent_a(tmp_path: Path, broker: Broker) -> AsyncIterator[AgentUnderTest]:
+    agent = AgentUnderTest.build(agent_settings(tmp_path / "a", broker))
+    yield agent
+    if agent.task is not None and not agent.task.done():
+        await agent.stop_clean()
+
+
+async def wait_for(
+    recorder: MqttRecorder, predicate: Callable[[list[Received]], bool], timeout_s: float = 30.0
+) -> list[Received]:
+    return await asyncio.to_thread(recorder.wait_for, predicate, timeout_s)
+
+
+def on(topic: str) -> Callable[[list[Received]], bool]:
+    return lambda messages: any(m.topic == topic for m in messages)
+
+
+def events(messages: list[Received], topic: str, kind: str) -> list[dict[str, Any]]:
+    found = [m.json() for m in messages if m.topic == topic]
+    return [m for m in found if m["type"] == kind]
+
+
+async def test_announces_state_and_events_with_valid_payloads(
+    agent_a: AgentUnderTest, recorder_factory: Callable[..., MqttRecorder]
+) -> None:
+    topics = DeviceTopics("soundedge", "dev-a")
+    watcher = recorder_factory()
+    watcher.connect()
+    watcher.subscribe("soundedge/dev-a/#")
+    agent_a.start()
+    await wait_for(watcher, lambda ms: all(on(t)(ms) for t in (topics.status, topics.info,
+                                                               topics.health, topics.level,
+                                                               topics.config)))  # fmt: skip
+    status = watcher.on(topics.status)[0]
+    assert status.payload == b"online"
+    InfoMessage.model_validate_json(watcher.on(topics.info)[0].payload)
+    health = HealthMessage.model_validate_json(watcher.on(topics.health)[0].payload)
+    assert health.level_dbfs == -42.0
+    assert health.outbox_depth == 0
+    LevelMessage.model_validate_json(watcher.on(topics.level)[0].payload)
+    config = ConfigMessage.model_validate_json(watcher.on(topics.config)[0].payload)
+    assert config.settings["enabled"] is True
+
+    records = [agent_a.emit() for _ in range(3)]
+    messages = await wait_for(watcher, lambda ms: len(events(ms, topics.event, "end")) == 3)
+    event_messages = [m for m in messages if m.topic == topics.event]
+    assert not any(m.retain for m in event_messages)
+    parsed = [parse_event_message(m.payload) for m in event_messages]
+    starts = [p for p in parsed if isinstance(p, EventStartMessage)]
+    ends = [p for p in parsed if isinstance(p, EventEndMessage)]
+    assert [s.seq for s in starts] == [r.seq for r in records]
+    assert [e.seq for e in ends] == [r.seq for r in records]
+    for end, record in zip(ends, records, strict=True):
+        assert end.to_record() == record
+        assert end.ws_url == WS_URL
+    # Each start comes before its own end.
+    order = [(type(p).__name__, p.seq) for p in parsed]
+    for record in records:
+        assert order.index(("EventStartMessage", record.seq)) < order.index(
+            ("EventEndMessage", record.seq)
+        )
+
+    # A retained `online` is what a late subscriber sees first.
+    late = recorder_factory()
+    late.connect()
+    late.subscribe(topics.status)
+    retained = await wait_for(late, on(topics.status))
+    assert retained[0].retain
+    assert retained[0].payload == b"online"
+
+    await agent_a.stop_clean()
+    final = await wait_for(late, lambda ms: ms[-1].payload == b"stopped")
+    assert final[-1].topic == topics.status
+
+
+async def test_home_assistant_discovery_is_republished_when_ha_comes_online(
+    agent_a: AgentUnderTest, recorder_factory: Callable[..., MqttRecorder]
+) -> None:
+    ha = recorder_factory("homeassistant")
+    ha.connect()
+    ha.subscribe("homeassistant/+/dev-a/+/config")
+    agent_a.start()
+    first = await wait_for(ha, lambda ms: len(ms) >= 5)
+    components = {m.topic.split("/")[1] for m in first}
+    assert components == {"sensor", "binary_sensor", "event", "switch"}
+    for message in first:
+        config = message.json()
+        assert config["availability"][0]["topic"] == "soundedge/dev-a/status"
+        assert config["device"]["identifiers"] == ["soundedge_dev-a"]
+    count = len(first)
+    ha.client.publish("homeassistant/status", b"online", qos=1).wait_for_publish(10)
+    again = await wait_for(ha, lambda ms: len(ms) >= 2 * count)
+    assert {m.topic for m in again[count:]} == {m.topic for m in first}
+
+
+async def test_set_applies_valid_commands_and_persists_them(
+    agent_a: AgentUnderTest, recorder_factory: Callable[..., MqttRecorder]
+) -> None:
+    topics = DeviceTopics("soundedge", "dev-a")
+    controller = recorder_factory()
+    controller.connect()
+    controller.subscribe(topics.config)
+    controller.subscribe(topics.reply("ctl"))
+    agent_a.start()
+    await wait_for(controller, on(topics.config))
+
+    reply = await send_set(controller, topics, {"detector": {"threshold_db": 12}}, "one")
+    assert reply.ok, reply.error
+    assert reply.settings["detector"]["threshold_db"] == 12
+    assert agent_a.runtime.settings.detector.threshold_db == 12
+
+    # Without a response topic (e.g. MQTT 3.1.1), the new config is the answer.
+    controller.client.publish(topics.set, json.dumps({"enabled": False}), qos=1)
+    messages = await wait_for(
+        controller,
+        lambda ms: any(
+            m.topic == topics.config and m.json()["settings"]["enabled"] is False for m in ms
+        ),
+    )
+    config = ConfigMessage.model_validate_json(
+        [m for m in messages if m.topic == topics.config][-1].payload
+    )
+    assert config.error is None
+    assert config.overrides == {"detector": {"threshold_db": 12}, "enabled": False}
+    assert agent_a.runtime.settings.enabled is False
+
+    # The changes survive a restart of the agent.
+    await agent_a.stop_clean()
+    reloaded = RuntimeConfig(agent_a.settings)
+    reloaded.load()
+    assert reloaded.settings.enabled is False
+    assert reloaded.settings.detector.threshold_db == 12
+
+
+async def send_set(
+    controller: MqttRecorder, topics: DeviceTopics, change: Any, name: str
+) -> SetReply:
+    """Send `set` with an MQTT 5 response topic and correlation data; wait for the reply."""
+    correlation = f"corr-{name}".encode()
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = topics.reply("ctl")
+    props.CorrelationData = correlation
+    payload = change if isinstance(change, bytes) else json.dumps(change).encode()
+    controller.client.publish(topics.set, payload, qos=1, properties=props)
+
+    def answered(messages: list[Received]) -> bool:
+        return any(
+            m.topic == topics.reply("ctl")
+            and getattr(m.properties, "CorrelationData", None) == correlation
+            for m in messages
+        )
+
+    messages = await wait_for(controller, answered)
+    reply = next(
+        m for m in messages if getattr(m.properties, "CorrelationData", None) == correlation
+    )
+    return SetReply.model_validate_json(reply.payload)
+
+
+INVALID_COMMANDS: list[tuple[str, bytes]] = [
+    ("not-json", b"threshold=12"),
+    ("not-utf8", b"\xff\xfe{"),
+    ("not-an-object", b"[1, 2]"),
+    ("empty-object", b"{}"),
+    ("unknown-section", b'{"detectr": {"threshold_db": 12}}'),
+    ("unknown-field", b'{"detector": {"threshold": 12}}'),
+    ("not-changeable", b'{"mqtt": {"host": "evil.example"}}'),
+    ("wrong-type", b'{"detector": {"threshold_db": "12"}}'),
+    ("wrong-type-bool", b'{"enabled": "false"}'),
+    ("section-not-object", b'{"detector": 12}'),
+    ("out-of-range", b'{"detector": {"threshold_db": 500}}'),
+    ("nan", b'{"detector": {"threshold_db": NaN}}'),
+    ("inconsistent", b'{"detector": {"release_db": 70}}'),
+    ("partly-valid", b'{"enabled": false, "detector": {"threshold_db": -1}}'),
+]
+
+
+async def test_invalid_set_payloads_change_nothing_and_get_an_error(
+    agent_a: AgentUnderTest, recorder_factory: Callable[..., MqttRecorder]
+) -> None:
+    topics = DeviceTopics("soundedge", "dev-a")
+    controller = recorder_factory()
+    controller.connect()
+    controller.subscribe(topics.config)
+    controller.subscribe(topics.reply("ctl"))
+    agent_a.start()
+    await wait_for(controller, on(topics.config))
+    before = agent_a.runtime.settings
+    state_file = agent_a.settings.data_dir / "state" / "runtime.json"
+
+    for name, payload in INVALID_COMMANDS:
+        reply = await send_set(controller, topics, payload, name)
+        assert not reply.ok, name
+        assert reply.error, name
+        assert agent_a.runtime.settings == before, name
+        assert agent_a.runtime.overrides == {}, name
+        assert not state_file.exists(), name
+
+    # Without a response topic the error lands on the retained config, naming the key.
+    controller.client.publish(topics.set, b'{"detector": {"threshold_db": 500}}', qos=1)
+    messages = await wait_for(
+        controller, lambda ms: any(m.topic == topics.config and m.json()["error"] for m in ms)
+    )
+    config = ConfigMessage.model_validate_json(
+        [m for m in messages if m.topic == topics.config][-1].payload
+    )
+    assert config.error is not None
+    assert "threshold_db" in config.error.message
+    assert agent_a.runtime.settings == before
+
+
+async def test_level_can_be_switched_off_at_run_time(
+    agent_a: AgentUnderTest, recorder_factory: Callable[..., MqttRecorder]
+) -> None:
+    topics = DeviceTopics("soundedge", "dev-a")
+    controller = recorder_factory()
+    controller.connect()
+    controller.subscribe(topics.level)
+    controller.subscribe(topics.reply("ctl"))
+    agent_a.start()
+    await wait_for(controller, on(topics.level))
+    reply = await send_set(controller, topics, {"mqtt": {"level_interval_s": 0}}, "off")
+    assert reply.ok, reply.error
+    # Whatever was in flight has arrived once a health round trip later; then silence.
+    await asyncio.sleep(1.5)
+    count = len(controller.on(topics.level))
+    await asyncio.sleep(2.5)
+    assert len(controller.on(topics.level)) == count
+
+
+async def test_mqtt_3_1_1_reports_events_and_set_errors_on_config(
+    tmp_path: Path, broker: Broker, recorder_factory: Callable[..., MqttRecorder]
+) -> None:
+    topics = DeviceTopics("soundedge", "dev-a")
+    agent = AgentUnderTest.build(agent_settings(tmp_path / "a", broker, protocol="3.1.1"))
+    controller = recorder_factory(protocol="3.1.1")
+    controller.connect()
+    controller.subscribe("soundedge/dev-a/#")
+    agent.start()
+    try:
+        await wait_for(controller, lambda ms: any(m.payload == b"online" for m in ms))
+        record = agent.emit()
+        messages = await wait_for(controller, lambda ms: len(events(ms, topics.event, "end")) == 1)
+        assert events(messages, topics.event, "end")[0]["event_id"] == record.event_id
+        controller.client.publish(topics.set, b'{"enabled": "no"}', qos=1)
+        messages = await wait_for(
+            controller,
+            lambda ms: any(m.topic == topics.config and m.json()["error"] for m in ms),
+        )
+        config = [m.json() for m in messages if m.topic == topics.config][-1]
+        assert "enabled" in config["error"]["message"]
+        assert config["settings"]["enabled"] is True
+    finally:
+        await agent.stop_clean()
+
+
+async def test_a_response_topic_the_agent_cannot_use_does_not_break_it(
+    agent_a: AgentUnderTest, recorder_factory: Callable[..., MqttRecorder]
+) -> None:
+    topics = DeviceTopics("soundedge", "dev-a")
+    controller = recorder_factory()
+    controller.connect()
+    controller.subscribe(topics.config)
+    controller.subscribe(topics.reply("ctl"))
+    agent_a.start()
+    await wait_for(controller, on(topics.config))
+    for bad_topic in ("soundedge/dev-a/reply/#", "soundedge/dev-b/reply/x"):
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = bad_topic
+        controller.client.publish(topics.set, b'{"enabled": false}', qos=1, properties=props)
+    # Still serving commands afterwards.
+    reply = await send_set(controller, topics, {"enabled": True}, "after")
+    assert reply.ok
+    assert agent_a.task is not None
+    assert not agent_a.task.done()
