@@ -57,9 +57,10 @@ def make_event(data_dir: Path, megabytes: float) -> str:
     import numpy as np
     import soundfile as sf
 
+    from edge.fileio import sha256_of
     from edge.messages.common import EventFile, EventRecord
     from edge.settings import StorageSettings
-    from edge.store import EventStore, event_file_name, part_path, sha256_of
+    from edge.store import EventStore, event_file_name, part_path
 
     store = EventStore(data_dir, DEVICE, StorageSettings(max_disk_mb=100_000, min_free_mb=0))
     store.open()

@@ -40,6 +40,7 @@ from controller.errors import (
     RequestError,
     TransferError,
 )
+from edge.fileio import fsync_dir, sha256_of
 from edge.messages.common import EventFile, EventRecord
 from edge.messages.ws import (
     AUTH_SCHEME,
@@ -554,15 +555,7 @@ def _already_there(target: _Target, expected: EventFile) -> bool:
             return False
     except FileNotFoundError:
         return False
-    return _sha256_of(final) == expected.sha256
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(final) == expected.sha256
 
 
 class _Download:
@@ -700,7 +693,7 @@ class _Download:
             )
         final = self.target.final_path(file.name)
         part.replace(final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return final
 
     async def abort(self, error: ControllerError) -> None:
@@ -727,15 +720,3 @@ class _Download:
             logger.error("pushed file of event %s failed: %s", self.event_id, error)
             # Nobody awaits a pushed transfer; retrieve the exception so asyncio stays quiet.
             self.done.exception()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable on POSIX; directories cannot be opened on Windows."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

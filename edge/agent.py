@@ -122,6 +122,9 @@ class Agent:
             self.state.capture_state = "stopped"
             await asyncio.to_thread(self.store.close)
         logger.info("stopped; %d events recorded this run", self.state.events_recorded)
+        logger.info(
+            "input overflows: %d; frames lost: %d", self.source.overflows, self.state.frames_lost
+        )
 
     async def _stop_publishers_after(self, pipeline_task: asyncio.Task[None]) -> None:
         with contextlib.suppress(asyncio.CancelledError):

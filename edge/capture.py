@@ -154,7 +154,7 @@ class SoundCardSource:
         self._settings = settings
         self.name = settings.device or "default input"
         self.overflows = 0
-        self.paced = True
+        self.paced = settings.paced  # false: an unpaced test source, not a runaway driver
         self._stream: Any = None
         self._ring: AudioRing | None = None
         self._wake: WakeUp = lambda: None

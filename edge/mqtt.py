@@ -102,6 +102,8 @@ class _StoreStats:
     last_event_seq: int
     outbox_depth: int
     uncollected_events: int
+    files_deleted_collected: int
+    files_lost_uncollected: int
     event_bytes: int
     disk_free_bytes: int
 
@@ -387,6 +389,8 @@ class MqttPublisher:
             last_event_seq=store.newest_seq,
             outbox_depth=self.outbox.depth,
             uncollected_events=store.uncollected_count,
+            files_deleted_collected=store.counters.files_deleted_collected,
+            files_lost_uncollected=store.counters.files_deleted_uncollected,
             event_bytes=store.event_bytes(),
             disk_free_bytes=store.disk_free_bytes(),
         )
@@ -412,6 +416,8 @@ class MqttPublisher:
             last_event_seq=stats.last_event_seq,
             outbox_depth=stats.outbox_depth,
             uncollected_events=stats.uncollected_events,
+            files_deleted_collected=stats.files_deleted_collected,
+            files_lost_uncollected=stats.files_lost_uncollected,
             event_bytes=stats.event_bytes,
             disk_free_bytes=stats.disk_free_bytes,
             cpu_percent=self._cpu.percent(),

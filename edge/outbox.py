@@ -30,9 +30,10 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from edge.errors import StorageError
+from edge.fileio import fsync_dir, write_atomically
 from edge.messages.common import EventRecord
 from edge.messages.mqtt import EventEndMessage, EventStartMessage
-from edge.store import EventStore, fsync_dir, write_atomically
+from edge.store import EventStore
 
 logger = logging.getLogger(__name__)
 

@@ -26,10 +26,11 @@ import soundfile as sf
 
 from edge import __version__
 from edge.errors import StorageError
+from edge.fileio import PART_SUFFIX, sha256_of
 from edge.messages.common import EventFile, EventRecord
 from edge.ring import AudioBlock
 from edge.settings import DetectorSettings, RecordingSettings
-from edge.store import PART_SUFFIX, event_file_name, part_path, sha256_of
+from edge.store import event_file_name, part_path
 from edge.timeutil import iso_utc
 
 logger = logging.getLogger(__name__)

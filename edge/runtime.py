@@ -17,8 +17,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from edge.errors import SoundedgeError
+from edge.fileio import write_atomically
 from edge.settings import AgentSettings
-from edge.store import write_atomically
 
 logger = logging.getLogger(__name__)
 

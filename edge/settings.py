@@ -84,6 +84,11 @@ class AudioSettings(BaseModel):
         gt=0.0,
         description="Longest wait in seconds between attempts to (re)open the sound card.",
     )
+    paced: bool = Field(
+        default=True,
+        description="The device delivers audio in real time; false for unpaced test sources "
+        "such as ALSA's file plugin.",
+    )
 
     @property
     def ring_s(self) -> float:

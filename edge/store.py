@@ -17,7 +17,6 @@ its writer thread. A lock makes them safe to call from several threads.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -33,47 +32,15 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from edge.errors import StorageError
+from edge.fileio import PART_SUFFIX, fsync_dir, sha256_of, write_atomically
 from edge.messages.common import EVENT_ID_PATTERN, EventRecord
 from edge.settings import StorageSettings
 from edge.timeutil import compact_utc, iso_utc, utc_now
 
 logger = logging.getLogger(__name__)
 
-PART_SUFFIX = ".part"
 _EVENT_ID_RE = re.compile(EVENT_ID_PATTERN)
 MB = 1024 * 1024
-
-
-def sha256_of(path: Path, chunk_bytes: int = 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves the old or the new content."""
-    tmp = path.with_name(f".{path.name}{PART_SUFFIX}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    fsync_dir(path.parent)
 
 
 def event_file_name(device_id: str, onset: datetime, seq: int, extension: str) -> str:
@@ -107,7 +74,7 @@ class _Entry:
 
 @dataclass
 class StoreCounters:
-    """Totals since the store was opened (and lost-file totals since the log began)."""
+    """Counts for health: deletions are totals over the log's life, the rest since open."""
 
     events_recorded: int = 0
     files_deleted_collected: int = 0
@@ -137,7 +104,12 @@ class EventStore:
     # -- opening and recovery ------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create directories, replay the log, recover after a crash. Raises StorageError."""
+        """Create directories, replay the log, recover after a crash. Raises StorageError.
+
+        Opening an open store does nothing (tests and tools may open it before the agent).
+        """
+        if self._log_handle is not None:
+            return
         try:
             self.events_dir.mkdir(parents=True, exist_ok=True)
             self.seq_path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +176,11 @@ class EventStore:
                 found.collected = True
         elif kind == "deleted":
             if found := self._entries.get(entry["event_id"]):
+                if found.file_present:  # totals over the log's life, for health
+                    if found.collected:
+                        self.counters.files_deleted_collected += 1
+                    else:
+                        self.counters.files_deleted_uncollected += 1
                 found.file_present = False
         else:
             raise KeyError(kind)

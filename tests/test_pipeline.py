@@ -14,8 +14,8 @@ import soundfile as sf
 from edge.agent import Agent
 from edge.capture import FileSource
 from edge.detector import Detector
+from edge.fileio import sha256_of
 from edge.settings import AgentSettings
-from edge.store import sha256_of
 
 RATE = 48000
 

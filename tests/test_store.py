@@ -7,8 +7,9 @@ from pathlib import Path
 
 import soundfile as sf
 
+from edge.fileio import sha256_of
 from edge.recorder import read_guano
-from edge.store import EventStore, event_file_name, sha256_of
+from edge.store import EventStore, event_file_name
 from tests.helpers import SAMPLERATE, record_event
 
 Opener = Callable[..., EventStore]

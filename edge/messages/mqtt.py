@@ -66,6 +66,15 @@ class HealthMessage(WireModel):
         ge=0, description="Event messages not yet acknowledged by the broker."
     )
     uncollected_events: int = Field(ge=0, description="Event files no controller has fetched yet.")
+    files_deleted_collected: int = Field(
+        default=0, ge=0, description="Collected event files deleted by retention (total)."
+    )
+    files_lost_uncollected: int = Field(
+        default=0,
+        ge=0,
+        description="Event files deleted before any controller fetched them (total): the loss "
+        "policy at work, above the hard disk limit or below the minimum free space.",
+    )
     event_bytes: int = Field(ge=0, description="Bytes of event files on disk.")
     disk_free_bytes: int = Field(ge=0, description="Free bytes on the data disk.")
     cpu_percent: float | None = Field(
