@@ -91,7 +91,7 @@ class Agent:
             # wake-up at a time, so a misbehaving driver calling back in a tight loop cannot
             # flood the loop with handles.
             nonlocal wake_pending
-            if wake_pending:
+            if wake_pending or not pipeline.wants_wake:
                 return
             wake_pending = True
             with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
@@ -158,10 +158,13 @@ class Agent:
             self.state.stream_restarts = self.supervisor.restarts
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM and SIGINT stop the agent cleanly (POSIX; on Windows Ctrl-C raises)."""
-        if sys.platform == "win32":
-            return
+        """SIGTERM and SIGINT (Ctrl-C) stop the agent cleanly, finishing the current file."""
         loop = asyncio.get_running_loop()
+        if sys.platform == "win32":
+            # No loop signal handlers on Windows: a plain handler hands over to the loop, so
+            # Ctrl-C stops cleanly instead of cancelling the main task mid-file.
+            signal.signal(signal.SIGINT, lambda *_: loop.call_soon_threadsafe(self.request_stop))
+            return
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
 

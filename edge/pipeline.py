@@ -139,6 +139,8 @@ class Pipeline:
         self._position = ring.frames_written
         self._generation = -1
         self._wake = asyncio.Event()
+        # Read by the audio thread (a plain bool): False while the pipeline batches blocks.
+        self.wants_wake = True
         # One thread writes every file, in submission order; the loop never waits on the disk.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-writer")
         runtime.add_listener(self._on_settings_changed)
@@ -170,7 +172,11 @@ class Pipeline:
                 await self._drain()
                 if interval_s := self._runtime.settings.audio.process_interval_s:
                     # Batch blocks: fewer wake-ups and detector calls, for a later `start`.
+                    # The audio thread skips its wake-ups meanwhile (see `wants_wake`).
+                    self.wants_wake = False
                     await asyncio.sleep(interval_s)
+                    self.wants_wake = True
+                    self._wake.set()
             await self._drain()
             await self._close_all()
         finally:

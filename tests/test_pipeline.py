@@ -62,10 +62,19 @@ def _offline_events(signal: np.ndarray, settings: AgentSettings) -> list[tuple[i
     return list(zip(starts, ends, strict=True))
 
 
-async def test_bursts_become_event_files_with_exact_pre_and_post_roll(tmp_path: Path) -> None:
+@pytest.mark.parametrize("process_interval_s", [0.0, 0.1])
+async def test_bursts_become_event_files_with_exact_pre_and_post_roll(
+    tmp_path: Path, process_interval_s: float
+) -> None:
     source_path = tmp_path / "scene.wav"
     signal = _scene(source_path, [(1.5, 0.4), (3.5, 0.6)])
     settings = _settings(tmp_path)
+    # Batching blocks (a CPU saving on a Pi) must not change a single sample of the result.
+    settings = settings.model_copy(
+        update={
+            "audio": settings.audio.model_copy(update={"process_interval_s": process_interval_s})
+        }
+    )
     expected = _offline_events(signal, settings)
     assert len(expected) == 2
     agent = Agent(settings, FileSource(source_path, realtime=False))
