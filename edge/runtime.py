@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from edge.errors import SoundedgeError
 from edge.fileio import write_atomically
-from edge.settings import AgentSettings
+from edge.settings import AgentSettings, ring_problem
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,10 @@ class RuntimeConfig:
                 )
             except ValidationError as exc:
                 raise RuntimeChangeError(_describe(key, exc)) from exc
-        return current.model_copy(update=updates)
+        merged = current.model_copy(update=updates)
+        if problem := ring_problem(merged.audio, merged.recording):
+            raise RuntimeChangeError(problem)
+        return merged
 
 
 def _validate_scalar(current: AgentSettings, key: str, value: Any) -> Any:

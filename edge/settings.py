@@ -392,6 +392,28 @@ class WsSettings(BaseModel):
         return self
 
 
+def ring_problem(audio: AudioSettings, recording: RecordingSettings) -> str | None:
+    """Why the ring of recent audio is too short for these settings, or None.
+
+    The pre-roll is read from the ring when an event starts, and the pipeline may leave a
+    batch of blocks in it for `process_interval_s`: both must fit with room to spare.
+    """
+    ring = (
+        f"the ring (SOUNDEDGE_AUDIO__RING_BUFFERS × SOUNDEDGE_AUDIO__BUFFER_S = {audio.ring_s:g} s)"
+    )
+    if recording.pre_roll_s >= audio.ring_s:
+        return (
+            f"SOUNDEDGE_RECORDING__PRE_ROLL_S ({recording.pre_roll_s:g} s) must be shorter "
+            f"than {ring}"
+        )
+    if audio.process_interval_s * 4 > audio.ring_s:
+        return (
+            f"SOUNDEDGE_AUDIO__PROCESS_INTERVAL_S ({audio.process_interval_s:g} s) must be at most "
+            f"a quarter of {ring}"
+        )
+    return None
+
+
 def _find_config_file(init_kwargs: dict[str, Any]) -> Path | None:
     explicit = init_kwargs.get("config_file") or os.environ.get(CONFIG_FILE_ENV)
     return Path(explicit) if explicit else None
@@ -437,6 +459,12 @@ class AgentSettings(BaseSettings):
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
 
+    @model_validator(mode="after")
+    def _ring_holds_what_is_asked_of_it(self) -> AgentSettings:
+        if problem := ring_problem(self.audio, self.recording):
+            raise ValueError(problem)
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -466,10 +494,13 @@ def describe_validation_error(exc: ValidationError, prefix: str = ENV_PREFIX) ->
     """One line per problem, naming the environment variable and what is allowed."""
     lines = []
     for err in exc.errors():
-        name = env_name(err["loc"], prefix)
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {str(value)[:60]!r})"
-        lines.append(f"{name}: {err['msg']}{shown}")
+        message = err["msg"].removeprefix("Value error, ")
+        if err["loc"]:
+            lines.append(f"{env_name(err['loc'], prefix)}: {message}{shown}")
+        else:  # a rule across sections names its variables itself
+            lines.append(message)
     return "; ".join(lines)
 
 

@@ -63,3 +63,10 @@ def test_corrupt_persisted_changes_are_ignored(tmp_path: Path) -> None:
     runtime = _runtime(tmp_path)
     runtime.load()
     assert runtime.settings.detector.hang_s == AgentSettings(data_dir=tmp_path).detector.hang_s
+
+
+def test_runtime_pre_roll_must_fit_in_the_ring(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path)  # default ring: 30 s
+    with pytest.raises(RuntimeChangeError, match="must be shorter than the ring"):
+        runtime.apply({"recording": {"pre_roll_s": 45.0}})
+    assert runtime.settings.recording.pre_roll_s == 2.0

@@ -141,3 +141,25 @@ def test_settings_model_has_a_description_for_every_field() -> None:
         return missing
 
     assert walk(AgentSettings) == []
+
+
+def test_pre_roll_longer_than_the_ring_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOUNDEDGE_AUDIO__RING_BUFFERS", "4")
+    monkeypatch.setenv("SOUNDEDGE_AUDIO__BUFFER_S", "0.5")
+    monkeypatch.setenv("SOUNDEDGE_RECORDING__PRE_ROLL_S", "3")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith("SOUNDEDGE_RECORDING__PRE_ROLL_S (3 s) must be shorter than the ring")
+    assert "= 2 s" in message
+
+
+def test_batching_longer_than_a_quarter_of_the_ring_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SOUNDEDGE_AUDIO__RING_BUFFERS", "2")
+    monkeypatch.setenv("SOUNDEDGE_AUDIO__BUFFER_S", "1")
+    monkeypatch.setenv("SOUNDEDGE_RECORDING__PRE_ROLL_S", "0.5")
+    monkeypatch.setenv("SOUNDEDGE_AUDIO__PROCESS_INTERVAL_S", "0.6")
+    with pytest.raises(SettingsError, match="SOUNDEDGE_AUDIO__PROCESS_INTERVAL_S"):
+        load_settings()
