@@ -41,7 +41,7 @@ from controller.errors import (
     TransferError,
 )
 from edge.fileio import fsync_dir, sha256_of
-from edge.messages.common import EventFile, EventRecord
+from edge.messages.common import EventFile, EventRecord, FileFormat
 from edge.messages.ws import (
     AUTH_SCHEME,
     PROTOCOL_VERSION,
@@ -54,7 +54,6 @@ from edge.messages.ws import (
     EventNotice,
     EventsPage,
     FileEnd,
-    FileFormat,
     FileStart,
     GetRequest,
     Hello,

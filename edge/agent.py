@@ -50,8 +50,6 @@ class Agent:
         )
         self.stop_capture = asyncio.Event()
         self.stop_publishers = asyncio.Event()
-        self.started = asyncio.Event()
-        self.pipeline: Pipeline | None = None
         self.supervisor: CaptureSupervisor | None = None
         self.ws_url: str = (
             settings.ws.public_url or f"ws://{socket.gethostname()}:{settings.ws.port}"
@@ -77,7 +75,6 @@ class Agent:
             source=self.source,
             source_generation=lambda: supervisor.generation,
         )
-        self.pipeline = pipeline
 
         wake_pending = False
 
@@ -117,7 +114,6 @@ class Agent:
                 # systemd readiness and liveness: pings only while audio is really flowing.
                 watchdog = ServiceWatchdog(self.state, stall_s=self.settings.audio.ring_s)
                 tasks.create_task(watchdog.run(self.stop_capture), name="systemd")
-                self.started.set()
         finally:
             self.state.capture_state = "stopped"
             await asyncio.to_thread(self.store.close)
@@ -139,7 +135,6 @@ class Agent:
             server = WsServer(
                 self.settings.ws, self.settings.device_id, self.runtime, self.store, self.bus
             )
-            self.ws_server = server
             components.append(("websocket", server))
         if self.settings.mqtt.enabled:
             from edge.mqtt import MqttPublisher  # noqa: PLC0415

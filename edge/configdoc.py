@@ -14,6 +14,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from edge.runtime import CHANGEABLE
+
 # (title, environment prefix, "module:Class") for every program's root settings.
 PROGRAMS: list[tuple[str, str, str]] = [
     ("Edge agent (`soundedge`)", "SOUNDEDGE_", "edge.settings:AgentSettings"),
@@ -105,17 +107,13 @@ def _rows(model: type[BaseModel], prefix: str, live: frozenset[str] | None) -> l
 
 
 def _live_fields(section: str | None) -> frozenset[str] | None:
-    """Which fields `set` may change in a section (empty set: all), None: none."""
-    try:
-        from edge.runtime import CHANGEABLE  # noqa: PLC0415
-    except ImportError:
-        return None
-    key = section if section is not None else ""
+    """Fields `set` may change: of a section (empty set: all of it), or at the top level
+    (`section` None: the changeable top-level keys; sections among them have no row there)."""
     if section is None:
-        return frozenset(k for k, v in CHANGEABLE.items() if v is None and k == "enabled")
-    if key not in CHANGEABLE:
+        return frozenset(CHANGEABLE)
+    if section not in CHANGEABLE:
         return None
-    fields = CHANGEABLE[key]
+    fields = CHANGEABLE[section]
     return frozenset() if fields is None else fields
 
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -287,7 +287,7 @@ class Pipeline:
         writer = EventWriter(meta, self._store.directory_for(onset_time))
         recording = _Recording(writer=writer, next_frame=first, onset_frame=event.sample)
         self._recordings.append(recording)
-        self._submit(self._open_file, writer)
+        self._writer.submit(self._open_file, writer)
         self._bus.publish(
             EventStarted(
                 event_id=meta.event_id,
@@ -314,7 +314,7 @@ class Pipeline:
                     data = block[recording.next_frame - block_start : stop - block_start]
                 else:  # pre-roll still in the ring, before this block
                     data = self._read_ring(recording.next_frame, stop)
-                self._submit(recording.writer.write, data)
+                self._writer.submit(recording.writer.write, data)
                 recording.next_frame = stop
             if recording.end_frame is not None and recording.next_frame >= recording.end_frame:
                 self._finish(recording)
@@ -324,9 +324,6 @@ class Pipeline:
             return self._ring.read(start, stop)
         except FramesLostError as lost:
             return self._ring.read(lost.first_available, stop)
-
-    def _submit(self, function: Callable[..., object], *args: object) -> Future[object]:
-        return self._writer.submit(function, *args)
 
     def _finish(self, recording: _Recording) -> None:
         self._recordings.remove(recording)
@@ -386,9 +383,3 @@ class Pipeline:
             self._finish(recording)
         if self._finishing:
             await asyncio.gather(*self._finishing, return_exceptions=True)
-
-    # -- for tests and the `level` command ----------------------------------------------------
-
-    @property
-    def position(self) -> int:
-        return self._position

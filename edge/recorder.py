@@ -124,7 +124,9 @@ class EventWriter:
         event_s = max(0.0, (offset_time - meta.onset_time).total_seconds())
         post_roll_s = max(0.0, duration_s - pre_roll_s - event_s)
         if meta.recording.format == "wav":
-            guano_md = _guano_metadata(meta, duration_s, peak_dbfs, noise_floor_dbfs, event_s)
+            guano_md = _guano_metadata(
+                meta, self.final_path.name, duration_s, peak_dbfs, noise_floor_dbfs, event_s
+            )
             append_guano_chunk(self.part_path, guano_md)
         _fsync_file(self.part_path)
         file = EventFile(
@@ -164,15 +166,18 @@ class EventWriter:
 
 
 def _guano_metadata(
-    meta: EventMeta, duration_s: float, peak_dbfs: float, floor_dbfs: float, event_s: float
+    meta: EventMeta,
+    file_name: str,
+    duration_s: float,
+    peak_dbfs: float,
+    floor_dbfs: float,
+    event_s: float,
 ) -> bytes:
     md = guano.GuanoFile()
     md["Timestamp"] = meta.file_start_time
     md["Samplerate"] = meta.samplerate
     md["Length"] = round(duration_s, 3)
-    md["Original Filename"] = meta.device_id and event_file_name(
-        meta.device_id, meta.onset_time, meta.seq, meta.recording.format
-    )
+    md["Original Filename"] = file_name
     md["Note"] = f"soundedge event {meta.seq}"
     ns = GUANO_NAMESPACE
     md[ns, "Version"] = __version__

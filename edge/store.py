@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -360,7 +360,7 @@ class EventStore:
                 for e in self._files_oldest_first()
             }
             used = sum(sizes.values()) + reserve_bytes
-            free = self._disk_free_bytes()
+            free = self.disk_free_bytes()
             soft = int(self.storage.max_disk_mb * MB)
             hard = int(self.storage.hard_limit_mb * MB)
             min_free = int(self.storage.min_free_mb * MB)
@@ -385,7 +385,7 @@ class EventStore:
                         report.deleted_uncollected += 1
                         self.counters.files_deleted_uncollected += 1
             report.event_bytes = used - reserve_bytes
-            report.disk_free_bytes = self._disk_free_bytes()
+            report.disk_free_bytes = self.disk_free_bytes()
             self.counters.last_retention = report
             return report
 
@@ -405,14 +405,11 @@ class EventStore:
         level = logging.INFO if entry.collected else logging.WARNING
         logger.log(level, "deleted %s: %s", path.name, reason)
 
-    def _disk_free_bytes(self) -> int:
+    def disk_free_bytes(self) -> int:
         try:
             return shutil.disk_usage(self.data_dir).free
         except OSError:
             return 0
-
-    def disk_free_bytes(self) -> int:
-        return self._disk_free_bytes()
 
     def event_bytes(self) -> int:
         with self._lock:
@@ -430,6 +427,3 @@ def _lines_with_ends(raw: bytes) -> Iterator[tuple[int, bytes]]:
         if line:
             yield end, line
         start = end
-
-
-FileFormat = Literal["wav", "flac"]

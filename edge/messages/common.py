@@ -11,6 +11,8 @@ from edge.timeutil import iso_utc
 
 SCHEMA_VERSION = 1
 
+FileFormat = Literal["wav", "flac"]
+
 # Event ids are 32 lowercase hex digits (a uuid4). They name files on request, so they are
 # validated before they get anywhere near the file system.
 EVENT_ID_PATTERN = r"^[0-9a-f]{32}$"
@@ -44,7 +46,7 @@ class EventFile(WireModel):
     )
     size_bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    format: Literal["wav", "flac"]
+    format: FileFormat
     duration_s: float = Field(ge=0.0)
     samplerate: int = Field(gt=0)
     channels: int = Field(gt=0)

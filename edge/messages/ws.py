@@ -13,7 +13,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter
 
-from edge.messages.common import DeviceId, EventFile, EventId, EventRecord, UtcTime, WireModel
+from edge.messages.common import (
+    DeviceId,
+    EventFile,
+    EventId,
+    EventRecord,
+    FileFormat,
+    UtcTime,
+    WireModel,
+)
 
 PROTOCOL_VERSION = 1
 SUPPORTED_PROTOCOLS = frozenset({PROTOCOL_VERSION})
@@ -33,7 +41,6 @@ RequestId = Annotated[
 ]
 ClientId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 DownloadMode = Literal["off", "pull", "push"]
-FileFormat = Literal["wav", "flac"]
 
 
 class ErrorCode(StrEnum):
