@@ -29,8 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,44 +116,13 @@ class SimAgent:
 
     def make_event(self, data: bytes) -> Any:
         """Blocking: write one event file into the store, as the recorder does."""
-        import hashlib
+        from tests.fixtures.ws_helpers import add_file_event
 
-        from edge.messages.common import EventFile, EventRecord
-        from edge.store import event_file_name, part_path
-
-        seq = self.store.reserve_seq()
-        onset = datetime.now(UTC)
-        name = event_file_name(self.device_id, onset, seq, "wav")
-        final = self.store.directory_for(onset) / name
-        final.parent.mkdir(parents=True, exist_ok=True)
-        pending = part_path(final)
-        pending.write_bytes(data)
-        seconds = self.args.event_seconds
-        record = EventRecord(
-            event_id=uuid.uuid4().hex,
-            seq=seq,
-            device_id=self.device_id,
-            onset_time=onset,
-            offset_time=onset + timedelta(seconds=seconds),
-            duration_s=seconds,
-            file_start_time=onset,
-            pre_roll_s=0.0,
-            post_roll_s=0.0,
-            peak_dbfs=-10.0,
-            noise_floor_dbfs=-60.0,
-            file=EventFile(
-                name=name,
-                size_bytes=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
-                format="wav",
-                duration_s=seconds,
-                samplerate=self.args.samplerate,
-                channels=1,
-            ),
-        )
-        record = EventRecord.model_validate_json(record.model_dump_json())
-        self.store.add(record, pending)
-        return record
+        return add_file_event(
+            self.store, self.store.reserve_seq(), lambda pending: pending.write_bytes(data),
+            onset=datetime.now(UTC), duration_s=self.args.event_seconds,
+            samplerate=self.args.samplerate,
+        )  # fmt: skip
 
     async def produce(self, data: bytes, phase_s: float, until: float) -> None:
         from edge.messages.mqtt import EventEndMessage

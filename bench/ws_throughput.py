@@ -30,8 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -57,49 +56,25 @@ def make_event(data_dir: Path, megabytes: float) -> str:
     import numpy as np
     import soundfile as sf
 
-    from edge.fileio import sha256_of
-    from edge.messages.common import EventFile, EventRecord
     from edge.settings import StorageSettings
-    from edge.store import EventStore, event_file_name, part_path
+    from edge.store import EventStore
+    from tests.fixtures.ws_helpers import add_file_event
 
     store = EventStore(data_dir, DEVICE, StorageSettings(max_disk_mb=100_000, min_free_mb=0))
     store.open()
-    seq = store.reserve_seq()
-    onset = datetime(2026, 11, 25, 12, tzinfo=UTC)
-    name = event_file_name(DEVICE, onset, seq, "wav")
-    final = store.directory_for(onset) / name
-    final.parent.mkdir(parents=True, exist_ok=True)
-    pending = part_path(final)
     frames = int(megabytes * MB / 2)
     rng = np.random.default_rng(1)
-    with sf.SoundFile(pending, "w", 48000, 1, "PCM_16", format="WAV") as out:
-        for start in range(0, frames, 4 * MB):
-            count = min(4 * MB, frames - start)
-            out.write((rng.standard_normal(count) * 3000).astype(np.int16))
-    duration = frames / 48000
-    record = EventRecord(
-        event_id=uuid.uuid4().hex,
-        seq=seq,
-        device_id=DEVICE,
-        onset_time=onset,
-        offset_time=onset + timedelta(seconds=duration),
-        duration_s=duration,
-        file_start_time=onset,
-        pre_roll_s=0.0,
-        post_roll_s=0.0,
-        peak_dbfs=-10.0,
-        noise_floor_dbfs=-60.0,
-        file=EventFile(
-            name=name,
-            size_bytes=pending.stat().st_size,
-            sha256=sha256_of(pending),
-            format="wav",
-            duration_s=duration,
-            samplerate=48000,
-            channels=1,
-        ),
-    )
-    store.add(record, pending)
+
+    def write(pending: Path) -> None:
+        with sf.SoundFile(pending, "w", 48000, 1, "PCM_16", format="WAV") as out:
+            for start in range(0, frames, 4 * MB):
+                count = min(4 * MB, frames - start)
+                out.write((rng.standard_normal(count) * 3000).astype(np.int16))
+
+    record = add_file_event(
+        store, store.reserve_seq(), write, onset=datetime(2026, 11, 25, 12, tzinfo=UTC),
+        duration_s=frames / 48000, samplerate=48000,
+    )  # fmt: skip
     store.close()
     return record.event_id
 
