@@ -57,7 +57,8 @@ class ProcessCost:
     cpu_percent_of_core: float  # CPU seconds per second of audio × 100
     cpu_s: float
     window_s: float
-    vm_hwm_mib: float
+    vm_hwm_mib: float  # peak resident
+    vm_rss_mib: float  # resident at the end of the window
     overflows: int | None
 
 
@@ -68,11 +69,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def vm_hwm_mib(pid: int) -> float:
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """utime + stime per thread, keyed "tid name" (the main thread runs the event loop)."""
+    result = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        result[f"{task.name} {name}"] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return result
+
+
+def status_mib(pid: int, key: str) -> float:
+    """A memory line of /proc/<pid>/status in MiB: VmHWM (peak resident), VmRSS (now)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
+    raise RuntimeError(f"no {key} for pid {pid}")
 
 
 def start_virtual_mic(workdir: Path) -> VirtualMic:
@@ -89,7 +105,11 @@ def start_virtual_mic(workdir: Path) -> VirtualMic:
 
 
 def run(
-    minutes: float, channels: int, seed: int, process_interval_s: float = 0.0
+    minutes: float,
+    channels: int,
+    seed: int,
+    process_interval_s: float | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="agent-cost-") as tmp:
         workdir = Path(tmp)
@@ -106,8 +126,10 @@ def run(
                 SOUNDEDGE_AUDIO__CHANNELS=str(channels),
                 SOUNDEDGE_MQTT__ENABLED="false",
                 SOUNDEDGE_WS__ENABLED="false",
-                SOUNDEDGE_AUDIO__PROCESS_INTERVAL_S=str(process_interval_s),
             )
+            if process_interval_s is not None:
+                env["SOUNDEDGE_AUDIO__PROCESS_INTERVAL_S"] = str(process_interval_s)
+            env.update(extra_env or {})
             agent = AgentProcess.agent(env)
             peer = AgentProcess(
                 [sys.executable, "-c", PEER, DEVICE_NAME, str(channels)], clean_env()
@@ -117,6 +139,7 @@ def run(
             time.sleep(2.0)  # past start-up: imports, device probing, the first blocks
             pids = {"agent": agent.process.pid, "peer": peer.process.pid}
             start_cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            start_threads = {name: thread_cpu_seconds(pid) for name, pid in pids.items()}
             started = time.monotonic()
             deadline = started + minutes * 60
             rng = random.Random(seed)
@@ -127,7 +150,9 @@ def run(
                 time.sleep(min(rng.uniform(3.0, 5.0), max(0.0, deadline - time.monotonic())))
             window_s = time.monotonic() - started
             end_cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            hwm = {name: vm_hwm_mib(pid) for name, pid in pids.items()}
+            end_threads = {name: thread_cpu_seconds(pid) for name, pid in pids.items()}
+            hwm = {name: status_mib(pid, "VmHWM") for name, pid in pids.items()}
+            rss = {name: status_mib(pid, "VmRSS") for name, pid in pids.items()}
         finally:
             for proc in (agent, peer):
                 if proc is not None:
@@ -145,6 +170,7 @@ def run(
                     cpu_s=round(cpu, 2),
                     window_s=round(window_s, 1),
                     vm_hwm_mib=round(hwm[name], 1),
+                    vm_rss_mib=round(rss[name], 1),
                     overflows=_overflows(proc.output),
                 )
             )
@@ -158,6 +184,15 @@ def run(
             "agent_exit_status": agent.process.returncode,
             "load_average_at_end": os.getloadavg(),
             "processes": [asdict(r) for r in results],
+            # % of one core per thread over the window (the first tid is the main thread: the
+            # agent's event loop).
+            "threads_percent": {
+                name: {
+                    key: round(100 * (end[key] - start_threads[name].get(key, 0.0)) / window_s, 2)
+                    for key in sorted(end, key=lambda k: int(k.split()[0]))
+                }
+                for name, end in end_threads.items()
+            },
             "cpu_ratio_agent_to_peer": round(
                 results[0].cpu_percent_of_core / max(results[1].cpu_percent_of_core, 1e-9), 2
             ),
@@ -175,10 +210,21 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=1, choices=(1, 2))
     parser.add_argument("--seed", type=int, default=1, help="seed of the 3-5 s tone intervals")
     parser.add_argument(
-        "--process-interval-s", type=float, default=0.0, help="SOUNDEDGE_AUDIO__PROCESS_INTERVAL_S"
+        "--process-interval-s",
+        type=float,
+        help="SOUNDEDGE_AUDIO__PROCESS_INTERVAL_S (default: the agent's own default)",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an extra environment variable for the agent (repeatable)",
     )
     args = parser.parse_args()
-    result = run(args.minutes, args.channels, args.seed, args.process_interval_s)
+    extra_env = dict(item.split("=", 1) for item in args.env)
+    result = run(args.minutes, args.channels, args.seed, args.process_interval_s, extra_env)
+    result["extra_env"] = extra_env
     OUT_DIR.mkdir(exist_ok=True)
     out = OUT_DIR / f"agent_cost_{args.channels}ch.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

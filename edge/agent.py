@@ -18,7 +18,7 @@ from typing import Protocol
 from edge.bus import EventBus
 from edge.capture import AudioSource, CaptureSupervisor, SoundCardSource
 from edge.pipeline import Pipeline
-from edge.ring import AudioRing
+from edge.ring import AudioBlock, AudioRing
 from edge.runtime import RuntimeConfig
 from edge.settings import AgentSettings
 from edge.state import AgentState, CaptureState
@@ -83,12 +83,12 @@ class Agent:
             wake_pending = False
             pipeline.wake()
 
-        def on_audio_thread_wake() -> None:
-            # Runs on the PortAudio thread: hand over to the loop and nothing else. One pending
-            # wake-up at a time, so a misbehaving driver calling back in a tight loop cannot
-            # flood the loop with handles.
+        def on_audio_thread_wake(block: AudioBlock | None) -> None:
+            # Runs on the PortAudio thread: the pipeline's batching check and a hand-over to
+            # the loop, nothing else. One pending wake-up at a time, so a misbehaving driver
+            # calling back in a tight loop cannot flood the loop with handles.
             nonlocal wake_pending
-            if wake_pending or not pipeline.wants_wake:
+            if not pipeline.on_audio_block(block) or wake_pending:
                 return
             wake_pending = True
             with contextlib.suppress(RuntimeError):  # the loop closed during shutdown

@@ -1,8 +1,8 @@
 """Audio capture: the PortAudio input stream (and a file source with the same interface).
 
 The PortAudio callback runs on a real-time thread. It only copies the block into the ring,
-counts overflow flags, notes the time, and calls the wake-up function (in the agent,
-`loop.call_soon_threadsafe`). Everything else runs elsewhere.
+counts overflow flags, notes the time, and calls the wake-up function with the block (in the
+agent: an onset check and `loop.call_soon_threadsafe`). Everything else runs elsewhere.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from edge.state import CaptureState
 
 logger = logging.getLogger(__name__)
 
-WakeUp = Callable[[], None]
+# Called on the capture thread after each block with the block just written to the ring, or
+# with None when the stream ended (the pipeline should look now).
+WakeUp = Callable[[AudioBlock | None], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +159,7 @@ class SoundCardSource:
         self.paced = settings.paced  # false: an unpaced test source, not a runaway driver
         self._stream: Any = None
         self._ring: AudioRing | None = None
-        self._wake: WakeUp = lambda: None
+        self._wake: WakeUp = lambda _block: None
         self._last_block_monotonic = 0.0
         self._anchor: tuple[int, float] = (0, 0.0)
         self._failed = False
@@ -208,11 +210,11 @@ class SoundCardSource:
             ring._on_write(indata)
             self._anchor = (ring.frames_written, time.time())
         self._last_block_monotonic = time.monotonic()
-        self._wake()
+        self._wake(indata)
 
     def _on_finished(self) -> None:
         self._failed = True
-        self._wake()
+        self._wake(None)
 
     def close(self) -> None:
         stream, self._stream = self._stream, None
@@ -319,7 +321,7 @@ class FileSource:
         ring.write(data)
         self._anchor = (ring.frames_written, time.time())
         self._last_block_monotonic = time.monotonic()
-        wake()
+        wake(data)
         self._stop.wait(pacer.advance(data.shape[0]))
 
     def close(self) -> None:

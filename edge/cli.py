@@ -11,10 +11,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge import __version__, commands
+from edge import commands
 from edge.errors import SoundedgeError
 from edge.logsetup import configure_logging
 from edge.settings import load_settings
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: the version is looked up only when asked for (it costs start-up time)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        from edge import __version__  # noqa: PLC0415
+
+        print(f"soundedge {__version__}")  # to stdout, as argparse's own version action does
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         "MQTT. Settings come from SOUNDEDGE_* environment variables (see docs/configuration.md); "
         "flags override them.",
     )
-    parser.add_argument("--version", action="version", version=f"soundedge {__version__}")
+    parser.add_argument(
+        "--version", action=_VersionAction, help="show program's version number and exit"
+    )
     parser.add_argument("--config", type=Path, help="JSON settings file (env vars override it)")
     parser.add_argument("--device", help="input device: index or part of its name")
     parser.add_argument("--data-dir", type=Path, help="directory for events and state")

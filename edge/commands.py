@@ -1,9 +1,13 @@
-"""The `soundedge` commands. Each takes the parsed arguments and the loaded settings."""
+"""The `soundedge` commands. Each takes the parsed arguments and the loaded settings.
+
+Modules only some commands need (the capture module with PortAudio, asyncio, the agent) are
+imported inside them: `soundedge detect` starts without them (docs/benchmarks.md, "Detection
+cost").
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -12,14 +16,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge.capture import EXIT_AUDIO_WEDGED, list_input_devices, resolve_device
 from edge.errors import AudioDeviceError, SettingsError, SoundedgeError, StorageError
-from edge.ring import AudioRing
-from edge.settings import AgentSettings, masked_dump
+
+if TYPE_CHECKING:
+    from edge.ring import AudioRing
+    from edge.settings import AgentSettings
 
 # Errors that mean "what you asked for is wrong" (exit 2) rather than "it failed" (exit 1).
 USAGE_ERRORS = (SettingsError, AudioDeviceError)
@@ -39,11 +44,15 @@ def dispatch(args: argparse.Namespace, settings: AgentSettings) -> int:
 
 
 def cmd_config(args: argparse.Namespace, settings: AgentSettings) -> int:
+    from edge.settings import masked_dump  # noqa: PLC0415
+
     print(json.dumps(masked_dump(settings), indent=2))
     return 0
 
 
 def cmd_devices(args: argparse.Namespace, settings: AgentSettings) -> int:
+    from edge.capture import list_input_devices  # noqa: PLC0415
+
     devices = list_input_devices()
     if not devices:
         print("no audio input devices found", file=sys.stderr)
@@ -77,6 +86,9 @@ def _write_audio(path: Path, data: np.ndarray[Any, Any], samplerate: int) -> Non
 
 def cmd_record(args: argparse.Namespace, settings: AgentSettings) -> int:
     import sounddevice as sd  # noqa: PLC0415
+
+    from edge.capture import list_input_devices, resolve_device  # noqa: PLC0415
+    from edge.ring import AudioRing  # noqa: PLC0415
 
     _output_format(args.out)
     audio = settings.audio
@@ -167,7 +179,9 @@ def _stop_on_signals(done: threading.Event) -> None:
 def cmd_level(args: argparse.Namespace, settings: AgentSettings) -> int:
     import sounddevice as sd  # noqa: PLC0415
 
+    from edge.capture import list_input_devices, resolve_device  # noqa: PLC0415
     from edge.detector import Detector  # noqa: PLC0415
+    from edge.ring import AudioRing  # noqa: PLC0415
 
     audio = settings.audio
     device = resolve_device(audio.device, list_input_devices())
@@ -215,10 +229,11 @@ def _level_line(status: Any, tty: bool) -> str:
 
 
 def cmd_detect(args: argparse.Namespace, settings: AgentSettings) -> int:
-    from edge.detect_file import detect_file  # noqa: PLC0415
+    from edge.detect_file import detect_file, keep_freed_memory  # noqa: PLC0415
 
     if not args.file.is_file():
         raise SettingsError(f"{args.file}: no such file")
+    keep_freed_memory()
     try:
         events = detect_file(args.file, settings.detector)
     except (RuntimeError, OSError) as exc:
@@ -238,7 +253,10 @@ def cmd_detect(args: argparse.Namespace, settings: AgentSettings) -> int:
 
 
 def cmd_run(args: argparse.Namespace, settings: AgentSettings) -> int:
+    import asyncio  # noqa: PLC0415
+
     from edge.agent import run_agent  # noqa: PLC0415
+    from edge.capture import EXIT_AUDIO_WEDGED  # noqa: PLC0415
 
     try:
         needs_restart = asyncio.run(run_agent(settings))

@@ -16,7 +16,8 @@ Pipeline, per frame of ~10 ms (see `docs/detector.md`):
 
 Frames are aligned on absolute sample indices and every stage keeps its own history, so the
 events depend only on the samples, never on how they were cut into blocks. All work per block is
-vectorised over its frames; the per-frame state machine only runs on frames near an event.
+vectorised over its frames; the event state machine only visits the frames where something
+happens (an event starts, is confirmed, is split, or its hang time runs out).
 """
 
 from __future__ import annotations
@@ -310,10 +311,9 @@ class Detector:
         events: list[DetectionEvent] = []
         n = self._frame_samples
         above_release = excess >= s.release_db
-        above_list = above_release.tolist()
         level_list = broadband_db.tolist()
         i = 0
-        n_frames = len(above_list)
+        n_frames = len(level_list)
         while i < n_frames:
             if self._state == "idle":
                 # Jump to the next frame that can start an event.
@@ -332,11 +332,29 @@ class Detector:
                 self._check_confirm(events)
                 i += 1
                 continue
-            frame_end = first_sample + (i + 1) * n
-            if above_list[i]:
+            # Within an event, runs of frames are taken whole: only the frames where something
+            # happens (the start is confirmed, a split, the hang time runs out) are visited.
+            if above_release[i]:
+                run_end = _next_false(above_release, i)
+                if run_end < 0:
+                    run_end = n_frames
+                # The frame at which the event must act: confirm its start or split it.
+                if self._state == "candidate":
+                    due = self._min_event_samples
+                else:
+                    due = self._max_event_samples
+                act = max(i, _first_frame_ending_at(self._onset + due, first_sample, n))
+                last = min(act, run_end)  # frames i..last-1 only extend the event
+                if last > i:
+                    self._last_above_end = first_sample + last * n
+                    self._event_peak_db = max(self._event_peak_db, *level_list[i:last])
+                    i = last
+                if i == run_end:
+                    continue
+                frame_end = first_sample + (i + 1) * n
                 self._last_above_end = frame_end
                 self._event_peak_db = max(self._event_peak_db, level_list[i])
-                if self._state == "active" and frame_end - self._onset >= self._max_event_samples:
+                if self._state == "active":
                     split_at = self._onset + self._max_event_samples
                     events.append(self._end_event(split_at, split=True))
                     self._onset = split_at
@@ -345,13 +363,26 @@ class Detector:
                     self._trigger_floor_db = float(floor_db[i])
                     self._state = "active"
                     events.append(self._start_event())
-                elif self._state == "candidate":
+                else:
                     self._check_confirm(events)
-            elif frame_end - self._last_above_end >= self._hang_samples:
-                if self._state == "active":
-                    events.append(self._end_event(self._last_above_end, split=False))
-                self._state = "idle"
-            i += 1
+                i += 1
+                continue
+            # Below release_db: the event ends once the hang time has passed, unless the
+            # excess comes back first.
+            back = _next_true(above_release, i)
+            end = max(
+                i,
+                _first_frame_ending_at(self._last_above_end + self._hang_samples, first_sample, n),
+            )
+            if back >= 0 and back <= end:
+                i = back
+                continue
+            if end >= n_frames:
+                break
+            if self._state == "active":
+                events.append(self._end_event(self._last_above_end, split=False))
+            self._state = "idle"
+            i = end + 1
         return events
 
     def _onset_frame(self, excess: FloatArray, trigger: int) -> int:
@@ -393,7 +424,8 @@ class Detector:
         if part < 1:
             return frame_start
         # energy[m]: high-passed power at context sample m + 1 (channels averaged).
-        energy = np.square(np.diff(context, axis=0)).mean(axis=1)
+        energy = np.square(np.subtract(context[1:], context[:-1]))
+        energy = energy[:, 0] if self.channels == 1 else energy.mean(axis=1)
         before = float(energy[: n - 1].mean())
         head = n - part * _ONSET_PARTS  # samples at the frame's start left out of the parts
         parts = energy[n - 1 + head :].reshape(_ONSET_PARTS, part).mean(axis=1)
@@ -434,5 +466,17 @@ class Detector:
 
 def _next_true(mask: npt.NDArray[np.bool_], start: int) -> int:
     """Index of the first True at or after start, or -1."""
-    hits = np.flatnonzero(mask[start:])
-    return int(hits[0]) + start if hits.size else -1
+    # argmax stops at the first True; it gives 0 when there is none.
+    found = int(mask[start:].argmax()) + start if start < mask.size else -1
+    return found if found >= 0 and mask[found] else -1
+
+
+def _next_false(mask: npt.NDArray[np.bool_], start: int) -> int:
+    """Index of the first False at or after start, or -1."""
+    found = int(mask[start:].argmin()) + start if start < mask.size else -1
+    return found if found >= 0 and not mask[found] else -1
+
+
+def _first_frame_ending_at(sample: int, first_sample: int, frame_samples: int) -> int:
+    """Index of the first frame (of a block starting at first_sample) ending at or after sample."""
+    return -((first_sample - sample) // frame_samples) - 1

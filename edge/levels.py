@@ -22,6 +22,7 @@ carried across blocks, so the levels of a frame never depend on how the input wa
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -108,8 +109,10 @@ class BandLevels:
         self.n_bands = self.levels + len(_LOW_BAND_EDGES) - 1
         self._low_history = np.zeros((channels, 0), dtype=np.float32)
         self._work = np.empty((channels, 0), dtype=np.float32)
-        # Mean unweighted power per low-part bin over the last block (for set_response).
-        self._low_spectrum = np.zeros(0)
+        # Unweighted power per low-part bin and frame of the last block (its mean over frames
+        # is the sound heard lately, for set_response), and work buffers of the low part.
+        self._low_power: npt.NDArray[np.floating] = np.zeros((0, 0))
+        self._low_buffers: tuple[npt.NDArray[Any], ...] | None = None
         self._response: tuple[float | None, float | None, bool] = (
             highpass_hz,
             lowpass_hz,
@@ -152,6 +155,7 @@ class BandLevels:
                 [np.zeros((self.channels, missing), dtype=np.float32), history], axis=1
             )
         self._low_history = history
+        self._low_buffers = None  # their shape depends on the window
         self._hann = np.hanning(self._low_window + 2)[1:-1].astype(np.float32)
         self.set_response(*self._response)
 
@@ -207,7 +211,7 @@ class BandLevels:
         change = np.zeros(self.n_bands)
         if old_haar is not None:
             change[: self.levels] = _ratio_db(self._haar_weights, old_haar)
-        spectrum = self._low_spectrum
+        spectrum = self._low_power.mean(axis=0) if self._low_power.shape[0] else np.zeros(0)
         if (
             old_low_gain is not None
             and old_low_gain.size == gain.size
@@ -259,14 +263,31 @@ class BandLevels:
             strides=(extended.strides[0], self._low_per_frame * step, step),
             writeable=False,
         )
-        spectrum = np.fft.rfft(windows * self._hann)
-        power = (spectrum * spectrum.conj()).real
+        # The arrays of this part are a few hundred kB per block: fresh ones would be mapped
+        # and unmapped by malloc on every block (page faults cost more than the FFT), so they
+        # are kept between blocks.
+        bufs = self._low_buffers
+        if bufs is None or bufs[0].shape[1] < n_frames:
+            n_bins = self._low_window // 2 + 1
+            bufs = self._low_buffers = (
+                np.empty((self.channels, n_frames, self._low_window), dtype=np.float32),
+                np.empty((self.channels, n_frames, n_bins), dtype=np.complex64),
+                np.empty((self.channels, n_frames, n_bins), dtype=np.complex64),
+                np.empty((n_frames, n_bins), dtype=np.float64),
+            )
+        windowed = np.multiply(windows, self._hann, out=bufs[0][:, :n_frames])
+        spectrum = np.fft.rfft(windowed, out=bufs[1][:, :n_frames])
+        squared = np.multiply(
+            spectrum, np.conjugate(spectrum, out=bufs[2][:, :n_frames]), out=bufs[2][:, :n_frames]
+        )
+        power = squared.real
         # Channels add by power (a single channel skips the reduction).
         power = power.sum(axis=0) if self.channels > 1 else power[0]
-        self._low_spectrum = power.mean(axis=0)
+        self._low_power = power  # the mean spectrum is taken from it if the response changes
         # Sums over runs of bins in a fixed order per output, whatever the number of frames
         # (a BLAS matrix product does not promise that).
-        bands = np.add.reduceat(power * self._low_bin_weights, self._low_band_starts, axis=1)
+        weighted = np.multiply(power, self._low_bin_weights, out=bufs[3][:n_frames])
+        bands = np.add.reduceat(weighted, self._low_band_starts, axis=1)
         # Highest band first, like the Haar bands.
         return np.asarray(bands[:, ::-1], dtype=np.float64)
 

@@ -61,6 +61,10 @@ class NoiseFloor:
         self.spread_db = np.full(n_channels, MIN_SPREAD_DB)
         self._pending: list[FloatArray] = []
         self._pending_frames = 0
+        # Work buffers of the update (reused: it runs twice a second).
+        self._dev = np.empty((0, n_channels))
+        self._eventish = np.empty((0, n_channels), dtype=np.bool_)
+        self._sums_in = np.empty((0, 3 * n_channels))
         self.configure(frame_s, threshold_db, floor_window_s)
 
     def configure(self, frame_s: float, threshold_db: float, floor_window_s: float) -> None:
@@ -91,49 +95,97 @@ class NoiseFloor:
     def feed(self, levels_db: FloatArray) -> tuple[FloatArray, FloatArray]:
         """Take (frames, channels) levels; return the thresholds and floors in effect per frame."""
         n_frames = levels_db.shape[0]
-        out = np.empty_like(levels_db)
-        floors = np.empty_like(levels_db)
+        if n_frames == 0:
+            return np.empty_like(levels_db), np.empty_like(levels_db)
+        per_update = self.frames_per_update
+        # What each run of frames compares against: the thresholds and floors of the update
+        # before it, and how many frames it has.
+        thresholds = [self._thresholds]
+        floors = [self._floors]
+        counts = []
         start = 0
-        while start < n_frames:
-            take = min(n_frames - start, self.frames_per_update - self._pending_frames)
-            out[start : start + take] = self._thresholds
-            floors[start : start + take] = self._floors
-            self._pending.append(levels_db[start : start + take])
-            self._pending_frames += take
-            start += take
-            if self._pending_frames >= self.frames_per_update:
-                rows = (
-                    self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
-                )
+        if self._pending_frames:
+            # Complete the update begun in an earlier block (if the frame length has changed
+            # since, it may already have the frames of an update or more).
+            take = max(0, min(n_frames, per_update - self._pending_frames))
+            if take:
+                self._pending.append(levels_db[:take])
+                self._pending_frames += take
+                counts.append(take)
+                start = take
+            if self._pending_frames >= per_update:
+                rows = np.concatenate(self._pending)
                 self._pending = []
                 self._pending_frames = 0
-                self._update(rows)
-        return out, floors
+                self._update(rows, rows.sum(axis=0) * (1.0 / rows.shape[0]))
+                if take:
+                    thresholds.append(self._thresholds)
+                    floors.append(self._floors)
+                else:  # no frame of this block had the thresholds before the update
+                    thresholds[0] = self._thresholds
+                    floors[0] = self._floors
+        # Whole updates within this block: their means do not depend on the floor, so they
+        # are taken at once (the sums run over the same frames in the same order).
+        n_whole = (n_frames - start) // per_update
+        if n_whole:
+            stop = start + n_whole * per_update
+            whole = levels_db[start:stop].reshape(n_whole, per_update, -1)
+            means = whole.sum(axis=1) * (1.0 / per_update)
+            for k in range(n_whole):
+                self._update(whole[k], means[k])
+                thresholds.append(self._thresholds)
+                floors.append(self._floors)
+            counts += [per_update] * n_whole
+            start = stop
+        if start < n_frames:
+            self._pending.append(levels_db[start:])
+            self._pending_frames += n_frames - start
+            counts.append(n_frames - start)
+        # The last update made (if any) is in effect only from the next block on.
+        n_runs = len(counts)
+        return (
+            np.repeat(np.array(thresholds[:n_runs]), counts, axis=0),
+            np.repeat(np.array(floors[:n_runs]), counts, axis=0),
+        )
 
-    def _update(self, rows: FloatArray) -> None:
+    def _update(self, rows: FloatArray, mean: FloatArray) -> None:
+        """One update from `rows` (frames, channels) and their mean per channel."""
         if self.floor_db is None:
             floor = np.median(rows, axis=0)
             spread = np.maximum(np.mean(np.abs(rows - floor), axis=0), MIN_SPREAD_DB)
-        else:
-            # Few numpy calls: this runs twice a second on every channel.
-            floor = self.floor_db
-            spread = self.spread_db
-            dev = rows - floor
-            eventish = dev > self._event_level
-            # +1 per background frame above, -1 per frame below, +event_weight per event frame.
-            vote = np.where(eventish, self._event_weight, np.sign(dev))
-            floor = floor + self._step_db * vote.sum(axis=0)
-            # A background that drops well below the floor is followed at once.
-            mean = rows.sum(axis=0) * (1.0 / rows.shape[0])
-            floor = np.where(mean < floor - self._allowance, mean, floor)
-            # Spread: mean absolute deviation of the background frames (events left out).
-            quiet = ~eventish
-            n_quiet = quiet.sum(axis=0)
-            abs_dev = np.abs(dev, where=quiet, out=np.zeros_like(dev)).sum(axis=0)
-            mad = np.divide(abs_dev, n_quiet, out=spread.copy(), where=n_quiet > 0)
-            spread = np.maximum(spread + SPREAD_SMOOTHING * (mad - spread), MIN_SPREAD_DB)
+            self.floor_db = floor
+            self.spread_db = spread
+            self._refresh()
+            return
+        # Few numpy calls, into buffers kept between updates: this runs twice a second on
+        # every channel, and 7200 times for an hour of a file. The three sums per channel
+        # (votes, absolute deviations of the background, event frames) are one reduction over
+        # side-by-side columns; each column is still summed frame after frame.
+        n, c = rows.shape
+        if self._sums_in.shape != (n, 3 * c):
+            self._dev = np.empty_like(rows)
+            self._eventish = np.empty(rows.shape, dtype=np.bool_)
+            self._sums_in = np.empty((n, 3 * c))
+        vote = self._sums_in[:, :c]
+        abs_dev = self._sums_in[:, c : 2 * c]
+        dev = np.subtract(rows, self.floor_db, out=self._dev)
+        eventish = np.greater(dev, self._event_level, out=self._eventish)
+        # +1 per background frame above, -1 per frame below, +event_weight per event frame.
+        np.sign(dev, out=vote)
+        np.copyto(vote, self._event_weight, where=eventish)
+        # Spread: mean absolute deviation of the background frames (events left out).
+        np.abs(dev, out=abs_dev)
+        np.copyto(abs_dev, 0.0, where=eventish)
+        np.copyto(self._sums_in[:, 2 * c :], eventish)
+        sums = np.add.reduce(self._sums_in, axis=0)
+        floor = self.floor_db + self._step_db * sums[:c]
+        # A background that drops well below the floor is followed at once.
+        np.copyto(floor, mean, where=mean < floor - self._allowance)
+        n_quiet = n - sums[2 * c :]
+        spread = self.spread_db
+        mad = np.divide(sums[c : 2 * c], n_quiet, out=spread.copy(), where=n_quiet > 0)
         self.floor_db = floor
-        self.spread_db = spread
+        self.spread_db = np.maximum(spread + SPREAD_SMOOTHING * (mad - spread), MIN_SPREAD_DB)
         self._refresh()
 
     def _refresh(self) -> None:

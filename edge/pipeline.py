@@ -23,6 +23,7 @@ from edge.capture import AudioSource
 from edge.detector import DetectionEvent, Detector
 from edge.errors import SoundedgeError, StorageError
 from edge.messages.common import EventRecord
+from edge.onsetgate import OnsetGate
 from edge.recorder import EventMeta, EventWriter, new_event_id
 from edge.ring import AudioBlock, AudioRing, FramesLostError
 from edge.runtime import RuntimeConfig
@@ -38,6 +39,9 @@ MAX_STEP_S = 1.0
 # A wall-clock step larger than this between blocks, unexplained by the audio, is a clock jump.
 CLOCK_JUMP_S = 1.0
 CLIP_LEVEL = 0.999
+# After the audio thread saw a likely onset, process every block (no batching) for this much
+# audio plus the detector's min_event_s: what it needs to confirm an event.
+EAGER_AFTER_ONSET_S = 0.1
 
 
 @dataclass
@@ -139,8 +143,15 @@ class Pipeline:
         self._position = ring.frames_written
         self._generation = -1
         self._wake = asyncio.Event()
-        # Read by the audio thread (a plain bool): False while the pipeline batches blocks.
-        self.wants_wake = True
+        # Batching, shared with the audio thread through plain ints (atomic in CPython): the
+        # loop wants to be woken once the ring reaches `_wake_at_frame`, and for every block
+        # until `_eager_until_frame` (after a likely onset).
+        self._onset_gate = OnsetGate()
+        self._wake_at_frame = 0
+        self._eager_until_frame = 0
+        self._batch_frames = 0
+        self._eager_frames = 0
+        self._set_batching(settings)
         # One thread writes every file, in submission order; the loop never waits on the disk.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-writer")
         runtime.add_listener(self._on_settings_changed)
@@ -151,12 +162,33 @@ class Pipeline:
         """Called on the loop (via call_soon_threadsafe from the audio thread)."""
         self._wake.set()
 
+    def on_audio_block(self, block: AudioBlock | None) -> bool:
+        """Audio thread, after each block reached the ring (None: the stream ended).
+
+        True if the loop should run the pipeline now: the batch is full, or the block looks
+        like the start of a sound (then every block for a while, so the detector can confirm
+        the event and `start` goes out without waiting for a batch), or the stream ended.
+        """
+        written = self._ring.frames_written
+        if block is None:
+            return True
+        if self._onset_gate.update(block):
+            self._eager_until_frame = written + self._eager_frames
+            return True
+        return written >= self._wake_at_frame or written < self._eager_until_frame
+
+    def _set_batching(self, settings: AgentSettings) -> None:
+        rate = self._samplerate
+        self._batch_frames = round(settings.audio.process_interval_s * rate)
+        self._eager_frames = round((settings.detector.min_event_s + EAGER_AFTER_ONSET_S) * rate)
+
     @property
     def detector(self) -> Detector:
         return self._detector
 
     def _on_settings_changed(self, settings: AgentSettings) -> None:
         self._detector.update_settings(settings.detector)
+        self._set_batching(settings)
 
     # -- main loop ----------------------------------------------------------------------------
 
@@ -170,13 +202,11 @@ class Pipeline:
                 await self._wake.wait()
                 self._wake.clear()
                 await self._drain()
-                if interval_s := self._runtime.settings.audio.process_interval_s:
-                    # Batch blocks: fewer wake-ups and detector calls, for a later `start`.
-                    # The audio thread skips its wake-ups meanwhile (see `wants_wake`).
-                    self.wants_wake = False
-                    await asyncio.sleep(interval_s)
-                    self.wants_wake = True
-                    self._wake.set()
+                # Batch blocks: fewer wake-ups and detector calls. Counted in frames, so an
+                # unpaced source (a file) batches as much audio as a sound card does.
+                self._wake_at_frame = self._position + max(1, self._batch_frames)
+                if self._ring.frames_written >= self._wake_at_frame:
+                    self._wake.set()  # the batch filled up while this one was processed
             await self._drain()
             await self._close_all()
         finally:

@@ -148,6 +148,9 @@ def test_unpaced_file_plugin_scene_is_recorded_without_losing_a_frame(
         SOUNDEDGE_AUDIO__SAMPLERATE=str(RATE),
         SOUNDEDGE_AUDIO__BLOCKSIZE=str(BLOCKSIZE),
         SOUNDEDGE_AUDIO__PACED="false",
+        # The plugin delivers the whole scene in a burst: the ring must hold all of it (what
+        # is tested is that nothing is lost between the ring, the detector and the files).
+        SOUNDEDGE_AUDIO__RING_BUFFERS="30",
         SOUNDEDGE_MQTT__ENABLED="false",
         SOUNDEDGE_WS__ENABLED="false",
         SOUNDEDGE_RECORDING__PRE_ROLL_S=str(ROLL_S),

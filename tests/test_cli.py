@@ -86,3 +86,25 @@ def test_every_readme_command_exists() -> None:
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert result.returncode == 0, (command, result.stderr)
+
+
+def test_version_is_printed_on_stdout() -> None:
+    result = _soundedge("--version")
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"soundedge \S+\n", result.stdout)
+
+
+def test_detect_starts_without_the_capture_stack() -> None:
+    # `soundedge detect` is a batch tool: PortAudio, the capture module and the agent are left
+    # out of its start-up (docs/benchmarks.md, "Detection cost").
+    probe = (
+        "import sys, edge.cli, edge.detect_file; "
+        "print(sorted(m for m in ('edge.capture', 'sounddevice', 'edge.agent') "
+        "if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=clean_env(), capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -377,3 +377,24 @@ def test_tone_burst_is_found_at_other_sample_rates(samplerate: int) -> None:
     assert abs(found[0][0] - start) <= detector.frame_samples
     # The frame stays close to frame_s (10 ms) whatever the rate.
     assert 0.008 <= detector.frame_samples / samplerate <= 0.012
+
+
+@pytest.mark.parametrize("blocksize", [1, 480, 1000, 48000])
+def test_splits_confirmations_and_hang_do_not_depend_on_block_sizes(blocksize: int) -> None:
+    # Bursts with gaps shorter and longer than hang_s, one long enough to be split twice: the
+    # detector walks runs of frames whole within a block, one frame at a time across blocks.
+    signal = noise(7.0, seed=3)
+    for at_s, length_s in ((1.5, 0.04), (1.7, 0.3), (2.1, 0.1), (2.5, 1.3), (4.2, 0.02)):
+        signal = add_at(signal, tone(length_s, 2000.0, 0.05), at_s)
+    chosen = DetectorSettings(min_event_s=0.03, hang_s=0.15, max_event_s=0.5)
+
+    def timeline(events: list[DetectionEvent]) -> list[tuple[object, ...]]:
+        # An end carries the floor at the time it is reported (after the floor updates of the
+        # block it is found in), so only that field may differ with the block size.
+        return [(e.kind, e.sample, e.peak_dbfs, e.split) for e in events] + [
+            e.noise_floor_dbfs for e in events if e.kind == "start"
+        ]
+
+    reference = run(signal, chosen, blocksize=signal.size)
+    assert [e.split for e in reference if e.kind == "end"].count(True) >= 2
+    assert timeline(run(signal, chosen, blocksize=blocksize)) == timeline(reference)

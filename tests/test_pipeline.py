@@ -5,6 +5,7 @@ virtual microphone in test_capture_live.py.
 """
 
 import asyncio
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,11 @@ import pytest
 import soundfile as sf
 
 from edge.agent import Agent
+from edge.bus import AgentEvent, EventStarted
 from edge.capture import FileSource
 from edge.detector import Detector
 from edge.fileio import sha256_of
+from edge.pipeline import Pipeline
 from edge.settings import AgentSettings
 
 RATE = 48000
@@ -126,3 +129,43 @@ async def test_event_open_at_shutdown_is_finished_not_lost(tmp_path: Path) -> No
     assert records[0].file is not None
     assert agent.store.path_of(records[0]).exists()
     assert not list((tmp_path / "data" / "events").glob("*/.*.part"))
+
+
+async def test_batching_pipeline_is_woken_at_once_by_an_onset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a long batching interval the onset, not a full batch, brings the `start`."""
+    source_path = tmp_path / "scene.wav"
+    _scene(source_path, [(2.5, 0.5)], seconds=4.0)  # the tone starts mid-batch
+    settings = _settings(tmp_path)
+    settings = settings.model_copy(
+        update={"audio": settings.audio.model_copy(update={"process_interval_s": 1.0})}
+    )
+    batch_frames = RATE
+    # Frames in the ring at each pipeline run, and where the start was published among them.
+    history: list[int | str] = []
+    drain = Pipeline._drain
+
+    async def recording_drain(self: Pipeline) -> None:
+        history.append(self._ring.frames_written)
+        await drain(self)
+
+    monkeypatch.setattr(Pipeline, "_drain", recording_drain)
+    agent = Agent(settings, FileSource(source_path, realtime=True))
+    publish = agent.bus.publish
+
+    def recording_publish(event: AgentEvent) -> None:
+        if isinstance(event, EventStarted):
+            history.append("start")
+        publish(event)
+
+    monkeypatch.setattr(agent.bus, "publish", recording_publish)
+    await _run_until(agent, events=1)
+    runs = [frames for frames in history[: history.index("start")] if isinstance(frames, int)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(runs)]
+    # Quiet noise before the tone: one run per full batch (a second of audio)...
+    assert len(gaps) >= 2
+    assert all(gap >= batch_frames for gap in gaps[:-1])
+    # ...until the tone's first block woke the pipeline mid-batch, and the start came from
+    # that run (or the block-by-block runs after it), not from the next full batch.
+    assert gaps[-1] < batch_frames
