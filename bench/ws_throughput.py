@@ -8,12 +8,14 @@ real `EventStore`; the TCP peer is another child that answers each connection wi
 `--repeat` runs each:
 
 - tcp raw: receive and discard;  ws raw: a bare websockets client receives and discards
-  (the protocol's own cost: framing, JSON control messages, to_thread reads);
+  (the protocol's own cost: framing, JSON control messages, the agent's session);
 - tcp full: receive, write, sha256, fsync;  ws full: `AgentClient.download` (the same work
   plus its verification and rename), i.e. what the controller really does.
 
 The agent's peak memory (VmHWM of the server process) is printed for a small file and for the
-big one: it must not grow with file size.
+big one: it must not grow with file size. So is the share of the bytes the agent sent by
+sendfile(2) (plain ws://, `SOUNDEDGE_WS__SENDFILE`, default on; `WS_BENCH_SENDFILE=0` turns it
+off) rather than copied through Python, which it does when the socket is full.
 """
 
 from __future__ import annotations
@@ -91,7 +93,10 @@ async def serve_ws(data_dir: Path) -> None:
     from edge.wsserver import WsServer
 
     chunk_bytes = int(os.environ.get("WS_BENCH_CHUNK_BYTES", WsSettings().chunk_bytes))
-    ws = WsSettings(host="127.0.0.1", port=0, token=TOKEN, chunk_bytes=chunk_bytes)
+    sendfile = os.environ.get("WS_BENCH_SENDFILE", "1") != "0"
+    ws = WsSettings(
+        host="127.0.0.1", port=0, token=TOKEN, chunk_bytes=chunk_bytes, sendfile=sendfile
+    )
     settings = AgentSettings(device_id=DEVICE, data_dir=data_dir, ws=ws)
     store = EventStore(data_dir, DEVICE, StorageSettings(max_disk_mb=100_000, min_free_mb=0))
     store.open()
@@ -104,7 +109,13 @@ async def serve_ws(data_dir: Path) -> None:
     stop.set()
     await task
     store.close()
-    print(json.dumps({"hwm_kb": vm_hwm_kb(), "bytes_sent": server.stats.bytes_sent}), flush=True)
+    stats = server.stats
+    end = {
+        "hwm_kb": vm_hwm_kb(),
+        "bytes_sent": stats.bytes_sent,
+        "bytes_sendfile": stats.bytes_sendfile,
+    }
+    print(json.dumps(end), flush=True)
 
 
 def serve_tcp(path: Path) -> None:
@@ -258,6 +269,7 @@ def measure(megabytes: float, repeat: int, work: Path) -> dict[str, object]:
         "agent_cpu_s": statistics.median(agent_cpu),
         "agent_hwm_start_mb": ws_child.info["hwm_kb"] / 1024,
         "agent_hwm_end_mb": ws_end.get("hwm_kb", -1) / 1024,
+        "sendfile_share": ws_end.get("bytes_sendfile", 0) / max(ws_end.get("bytes_sent", 0), 1),
     }
 
 
@@ -285,6 +297,7 @@ def main() -> None:
             print(f"  {name:9s} {rate:8.1f} MB/s")
         print(f"  ratio ws/tcp raw  {result['ratio_raw']:.2f}")
         print(f"  ratio ws/tcp full {result['ratio_full']:.2f}")
+        print(f"  agent sent {result['sendfile_share']:.0%} of the bytes by sendfile")
         print(f"  agent CPU per ws transfer {result['agent_cpu_s']:.2f} s")
         print(
             f"  agent peak RSS {result['agent_hwm_end_mb']:.1f} MB "

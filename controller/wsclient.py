@@ -65,6 +65,9 @@ from edge.messages.ws import (
 logger = logging.getLogger(__name__)
 
 PART_SUFFIX = ".part"
+# Received chunks are written and hashed on a worker thread in batches of about this size:
+# one thread hop per batch rather than per chunk. A download holds at most about two batches.
+WRITE_BATCH_BYTES = 2 * 1024 * 1024
 # The agent's chunk_bytes is at most 16 MiB; a list page of 1000 records is well below that.
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024 + 64 * 1024
 
@@ -571,7 +574,9 @@ class _Download:
         self.seq = 0
         self.file: EventFile | None = None
         self._handle: IO[bytes] | None = None
-        self._writing: asyncio.Future[None] | None = None  # the chunk being written
+        self._writing: asyncio.Future[None] | None = None  # the batch being written
+        self._batch: list[bytes] = []  # chunks received, not yet handed to the writer
+        self._batch_bytes = 0
         self._digest = hashlib.sha256()
 
     async def start(self, message: FileStart) -> None:
@@ -623,21 +628,32 @@ class _Download:
             await self._close_and_discard()
             self._fail(TransferError(f"event {self.event_id}: more bytes than announced"))
             return
+        self._batch.append(chunk)
+        self._batch_bytes += len(chunk)
+        if self._batch_bytes < WRITE_BATCH_BYTES:
+            return
         try:
-            # Write behind: this chunk goes to disk while the next one arrives. At most one
-            # write is in flight, so at most two chunks are held.
-            await self._settle()
+            await self._write_batch()
         except OSError as exc:
             await self.abort(TransferError(f"cannot write {self.target.part_path}: {exc}"))
-            return
-        self._writing = asyncio.ensure_future(asyncio.to_thread(self._write, self._handle, chunk))
 
-    def _write(self, handle: IO[bytes], chunk: bytes) -> None:
-        handle.write(chunk)
-        self._digest.update(chunk)
+    async def _write_batch(self) -> None:
+        """Hand the chunks received so far to a worker thread (write behind: they go to disk
+        and through the hash while the next ones arrive). At most one batch is in flight, so
+        at most about two batches are held; one thread hop per batch, not per chunk."""
+        await self._settle()
+        if not self._batch or self._handle is None:
+            return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._writing = asyncio.ensure_future(asyncio.to_thread(self._write, self._handle, batch))
+
+    def _write(self, handle: IO[bytes], batch: list[bytes]) -> None:
+        for chunk in batch:
+            handle.write(chunk)
+            self._digest.update(chunk)
 
     async def _settle(self) -> None:
-        """Wait for the write in flight (shielded: the thread finishes it anyway)."""
+        """Wait for the batch in flight (shielded: the thread finishes it anyway)."""
         writing, self._writing = self._writing, None
         if writing is not None:
             await asyncio.shield(writing)
@@ -647,6 +663,7 @@ class _Download:
             return None  # already failed
         assert self.file is not None
         try:
+            await self._write_batch()
             await self._settle()
         except OSError as exc:
             await self.abort(TransferError(f"cannot write {self.target.part_path}: {exc}"))
@@ -698,13 +715,16 @@ class _Download:
     async def abort(self, error: ControllerError) -> None:
         """The transfer broke off: keep the bytes received (a prefix of the file) for resume."""
         with contextlib.suppress(OSError):
+            await self._write_batch()
             await self._settle()
+        self._batch, self._batch_bytes = [], 0
         if self._handle is not None:
             handle, self._handle = self._handle, None
             await asyncio.to_thread(handle.close)
         self._fail(error)
 
     async def _close_and_discard(self) -> None:
+        self._batch, self._batch_bytes = [], 0
         with contextlib.suppress(OSError):
             await self._settle()
         if self._handle is not None:

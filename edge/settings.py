@@ -371,6 +371,13 @@ class WsSettings(BaseModel):
         le=16 * 1024 * 1024,
         description="Bytes per binary frame of a file transfer (256 KiB by default).",
     )
+    sendfile: bool = Field(
+        default=True,
+        description=(
+            "On plain ws://, send file chunks with sendfile(2), from the page cache to the "
+            "socket (false: read them through Python, as over wss://)."
+        ),
+    )
     tls_cert_file: Path | None = Field(
         default=None, description="PEM certificate (chain) file; with tls_key_file: serve wss://."
     )

@@ -1,14 +1,144 @@
-"""Reading event files for a transfer: off the loop, one chunk ahead, inside the event directory.
+"""Reading event files for a transfer, inside the event directory, without holding a whole file.
 
-The agent never holds a whole file: at most the chunk being sent and the one being read.
+Two ways to put a file's chunks on the wire, both one binary frame per chunk:
+
+- `FileFrames` (plain ws://): each frame's header is written to the transport and its payload
+  goes from the page cache to the socket with sendfile(2), without passing through Python. The
+  file is read on the event loop: event files are usually still in the page cache (the agent
+  wrote them moments ago), and the kernel is asked to read the next chunk ahead.
+- `ReadAhead` (wss://, or when sendfile is off or unavailable): chunks are read on a worker
+  thread, one ahead of the sender, and sent through websockets like any message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
+import struct
 from pathlib import Path
 from typing import IO
+
+from websockets.asyncio.server import ServerConnection
+from websockets.protocol import State
+
+logger = logging.getLogger(__name__)
+
+_FIN_BINARY = 0x82  # FIN bit + opcode 2 (binary); a server's frames are not masked
+
+
+def binary_frame_header(length: int) -> bytes:
+    """The header of an unmasked, unfragmented binary frame (RFC 6455, 5.2)."""
+    if length < 126:
+        return struct.pack("!BB", _FIN_BINARY, length)
+    if length < 1 << 16:
+        return struct.pack("!BBH", _FIN_BINARY, 126, length)
+    return struct.pack("!BBQ", _FIN_BINARY, 127, length)
+
+
+class FileFrames:
+    """Writes chunks of an open file as binary frames, the payload by sendfile(2).
+
+    `write_frame` writes a whole frame in one step, without awaiting: the header into the
+    transport, then the payload straight from the file into the socket. Nothing else can be
+    written in between (the loop runs nothing else meanwhile), so keepalive pings, pongs and
+    close frames of the websockets library only ever go between frames. If the socket takes
+    only part of the payload, the rest is read and left in the transport's buffer like any
+    other write, and `drain` waits for it as `send` would. When the transport still holds
+    unsent data the sendfile bytes would overtake it, so `write_frame` declines and the caller
+    sends the chunk the ordinary way (`read` + `send`).
+
+    Only for plain TCP without websocket extensions (`usable`); the caller must be the only
+    sender of data frames on the connection.
+    """
+
+    def __init__(self, ws: ServerConnection, handle: IO[bytes]) -> None:
+        self._ws = ws
+        self._file_fd = handle.fileno()
+        sock = ws.transport.get_extra_info("socket")
+        self._sock_fd: int = sock.fileno()
+        self.bytes_zero_copy = 0  # what went by sendfile; the rest was copied
+
+    @staticmethod
+    def usable(ws: ServerConnection) -> bool:
+        return (
+            hasattr(os, "sendfile")
+            and not ws.protocol.extensions
+            and ws.transport.get_extra_info("sslcontext") is None
+            and ws.transport.get_extra_info("socket") is not None
+        )
+
+    def read(self, offset: int, count: int) -> bytes:
+        """The chunk itself, to send the ordinary way. Raises OSError if the file is short."""
+        self._read_ahead(offset + count, count)
+        return self._pread(offset, count)
+
+    def write_frame(self, offset: int, count: int) -> bool:
+        """Write bytes offset…offset+count-1 as one frame now; False (nothing written) if not
+        possible at the moment. Raises OSError, before writing anything, if the file is shorter.
+        """
+        transport = self._ws.transport
+        if (
+            self._ws.protocol.state is not State.OPEN
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+        ):
+            return False
+        if os.fstat(self._file_fd).st_size < offset + count:
+            raise OSError(f"the file is shorter than {offset + count} bytes")
+        self._read_ahead(offset + count, count)
+        transport.write(binary_frame_header(count))
+        try:
+            sent = 0 if transport.get_write_buffer_size() else self._sendfile(offset, count)
+            if sent < count:
+                # The socket is full: the rest waits in the transport's buffer, behind the
+                # header if even that did not go out.
+                transport.write(self._pread(offset + sent, count - sent))
+        except OSError as exc:
+            # Half a frame is on the wire: the connection cannot be used any more. The next
+            # send raises ConnectionClosed, as after any other failed write.
+            logger.warning(
+                "a transfer to %s broke off in a frame: %s", self._ws.remote_address, exc
+            )
+            transport.abort()
+        return True
+
+    def _sendfile(self, offset: int, count: int) -> int:
+        """As much of the payload as the socket takes now, from the page cache."""
+        sent = 0
+        try:
+            while sent < count:
+                step = os.sendfile(self._sock_fd, self._file_fd, offset + sent, count - sent)
+                if step == 0:
+                    break  # the file ended early: _pread() raises
+                sent += step
+        except BlockingIOError:
+            pass
+        self.bytes_zero_copy += sent
+        return sent
+
+    async def drain(self) -> None:
+        """Wait while the transport's buffer is above the connection's write limit, as `send`
+        does after writing. Raises ConnectionClosed if the connection is lost meanwhile."""
+        try:
+            await self._ws.drain()  # what websockets' own send() awaits after writing
+        except OSError as exc:
+            self._ws.transport.abort()
+            await self._ws.wait_closed()
+            raise self._ws.protocol.close_exc from exc
+
+    def _pread(self, offset: int, count: int) -> bytes:
+        data = os.pread(self._file_fd, count, offset)
+        if len(data) != count:
+            raise OSError(f"the file ended {count - len(data)} bytes early")
+        return data
+
+    def _read_ahead(self, offset: int, count: int) -> None:
+        """Ask the kernel to start reading the next chunk from disk while this one is sent."""
+        if hasattr(os, "posix_fadvise"):
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._file_fd, offset, count, os.POSIX_FADV_WILLNEED)
 
 
 class ReadAhead:

@@ -9,8 +9,10 @@ client stalls its own session (and, through TCP, itself) rather than making the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, NoReturn
 
@@ -45,7 +47,7 @@ from edge.messages.ws import (
     client_message_adapter,
 )
 from edge.timeutil import utc_now
-from edge.wsfiles import ReadAhead, open_in_thread
+from edge.wsfiles import FileFrames, ReadAhead, open_in_thread
 
 if TYPE_CHECKING:
     from edge.wsserver import WsServer
@@ -70,6 +72,7 @@ class WsStats:
     refused: int = 0
     files_sent: int = 0
     bytes_sent: int = 0
+    bytes_sendfile: int = 0  # the part of bytes_sent that went by sendfile, without a copy
     errors_sent: int = 0
     internal_errors: int = 0  # sessions that ended on a bug in the agent (logged)
 
@@ -419,7 +422,13 @@ class Session:
         await self._queue(ErrorMessage(code=code, message=message, request_id=request_id))
 
     async def _send(self, data: str | bytes) -> None:
-        """Send one frame; drop the client if it has not taken any data for the stall time.
+        """Send one frame; drop the client if it has not taken any data for the stall time."""
+        async with self._stall_guard():
+            await self.ws.send(data)
+
+    @contextlib.asynccontextmanager
+    async def _stall_guard(self) -> AsyncIterator[None]:
+        """Around a wait for the client to take data: drop it after the stall time.
 
         websockets waits for the write buffer to drain without a deadline, and its keepalive
         cannot get a ping through a full buffer, so a client that stays connected but stops
@@ -427,7 +436,7 @@ class Session:
         """
         try:
             async with asyncio.timeout(self.server.stall_timeout_s):
-                await self.ws.send(data)
+                yield
         except TimeoutError:
             logger.warning(
                 "client %s took nothing for %g s; dropping it",
@@ -487,15 +496,45 @@ class Session:
         self, job: Transfer, record: EventRecord, handle: IO[bytes], size: int
     ) -> None:
         assert record.file is not None
-        chunk_bytes = self.server.settings.chunk_bytes
+        if self.server.settings.sendfile and FileFrames.usable(self.ws):
+            try:
+                await self._send_chunks(job, record, self._send_frames(handle, job.offset, size))
+            finally:
+                handle.close()
+            return
         # Created first: it owns the handle from here on and starts reading while we send.
-        reader = ReadAhead(handle, size - job.offset, chunk_bytes)
+        reader = ReadAhead(handle, size - job.offset, self.server.settings.chunk_bytes)
         try:
-            await self._send_chunks(job, record, reader)
+            await self._send_chunks(job, record, self._send_read_ahead(reader))
         finally:
             reader.release()
 
-    async def _send_chunks(self, job: Transfer, record: EventRecord, reader: ReadAhead) -> None:
+    async def _send_read_ahead(self, reader: ReadAhead) -> AsyncGenerator[int]:
+        """Chunks read on a worker thread, sent as messages; yields the size of each."""
+        while chunk := await reader.next_chunk():
+            await self._send(chunk)  # returns once the transport is below write_limit
+            yield len(chunk)
+
+    async def _send_frames(self, handle: IO[bytes], offset: int, size: int) -> AsyncGenerator[int]:
+        """Chunks sent by sendfile where the socket is idle, else as messages; yields sizes."""
+        frames = FileFrames(self.ws, handle)
+        chunk_bytes = self.server.settings.chunk_bytes
+        try:
+            while offset < size:
+                count = min(chunk_bytes, size - offset)
+                if frames.write_frame(offset, count):
+                    async with self._stall_guard():
+                        await frames.drain()
+                else:
+                    await self._send(frames.read(offset, count))
+                offset += count
+                yield count
+        finally:
+            self.server.stats.bytes_sendfile += frames.bytes_zero_copy
+
+    async def _send_chunks(
+        self, job: Transfer, record: EventRecord, chunks: AsyncGenerator[int]
+    ) -> None:
         assert record.file is not None
         start = FileStart(
             request_id=job.request_id,
@@ -507,10 +546,10 @@ class Session:
             chunk_bytes=self.server.settings.chunk_bytes,
         )
         await self._send(start.model_dump_json())
-        while chunk := await reader.next_chunk():
-            await self._send(chunk)  # returns once the transport is below write_limit
-            self.server.stats.bytes_sent += len(chunk)
-            await self._flush_control()
+        async with contextlib.aclosing(chunks):
+            async for count in chunks:
+                self.server.stats.bytes_sent += count
+                await self._flush_control()  # replies and notifications go between chunks
         sent = record.file.size_bytes - job.offset
         end = FileEnd(request_id=job.request_id, event_id=job.event_id, bytes_sent=sent)
         await self._send(end.model_dump_json())

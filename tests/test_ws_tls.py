@@ -71,6 +71,7 @@ async def test_download_over_wss(
             )
         assert record.file is not None
         assert path.read_bytes() == (agent.store.file_for(record.event_id) or path).read_bytes()
+        assert server.stats.bytes_sendfile == 0  # TLS encrypts in user space: no sendfile
         # A client that does not trust the certificate cannot connect.
         with pytest.raises(AgentConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
             async with AgentClient(url, TOKEN, "pc-2", "pull", ssl=ssl.create_default_context()):
