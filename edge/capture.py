@@ -400,7 +400,7 @@ class CaptureSupervisor:
             flowing = False
             pacing = _RateMeter(self._settings.samplerate, self._ring.frames_written)
             while not stop.is_set():
-                await _wait(stop, 0.25)
+                await _wait(stop, SUPERVISE_S)
                 last = max(self.source.last_block_monotonic, opened_at)
                 if not flowing and self.source.last_block_monotonic > opened_at:
                     # Said once audio arrives: opening a device is not the same as hearing it.
@@ -451,6 +451,9 @@ class CaptureSupervisor:
 
 RUNAWAY_FACTOR = 4.0
 CLOSE_TIMEOUT_S = 10.0
+# How often the supervisor checks the stream (stall, runaway, failed): well within the stall
+# timeout and the rate meter's one-second window.
+SUPERVISE_S = 0.5
 # EX_TEMPFAIL: systemd's Restart=always brings the agent back with a fresh PortAudio.
 EXIT_AUDIO_WEDGED = 75
 
@@ -473,5 +476,11 @@ class _RateMeter:
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    """Wait `seconds`, or less if `stop` is set.
+
+    A timeout around the wait itself, not `wait_for`: that would start a task per wait, and
+    this runs twice a second for as long as the agent lives.
+    """
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()

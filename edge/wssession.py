@@ -125,6 +125,7 @@ class Session:
         self._control: asyncio.Queue[str] = asyncio.Queue(CONTROL_QUEUE_SIZE)
         self._transfers: asyncio.Queue[Transfer] = asyncio.Queue(PENDING_TRANSFERS)
         self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None  # the one task that empties _control
 
     # -- handshake ------------------------------------------------------------------------------
 
@@ -221,9 +222,10 @@ class Session:
     # -- the three tasks ------------------------------------------------------------------------
 
     async def _serve(self, subscription: Subscription) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name=f"ws-write {self.name}")
         tasks = [
             asyncio.create_task(self._read_loop(), name=f"ws-read {self.name}"),
-            asyncio.create_task(self._write_loop(), name=f"ws-write {self.name}"),
+            self._writer,
             asyncio.create_task(self._notify_loop(subscription), name=f"ws-notify {self.name}"),
         ]
         try:
@@ -241,7 +243,11 @@ class Session:
             await self._dispatch(raw)
 
     async def _write_loop(self) -> None:
-        """The only sender after `welcome`: replies, notifications, then transfers in order."""
+        """The only sender after `welcome`: replies, notifications, then transfers in order.
+
+        It sends its own messages (`file_start`, `file_end`, a transfer's `error`) itself and
+        never waits on the queues it empties: a full reply queue would wait for it forever.
+        """
         while True:
             self._wakeup.clear()
             await self._flush_control()
@@ -412,14 +418,28 @@ class Session:
     # -- sending --------------------------------------------------------------------------------
 
     async def _queue(self, message: WireModel) -> None:
-        """Hand a message to the writer; waits while the client is behind (backpressure)."""
+        """Hand a message to the writer; waits while the client is behind (backpressure).
+
+        Only for the reader and the notifier: the writer would wait for itself on a full queue.
+        """
+        if asyncio.current_task() is self._writer:
+            raise RuntimeError("the writer queued a message to itself; it must send it")
         await self._control.put(message.model_dump_json())
         self._wakeup.set()
 
     async def _error(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
+        """Queue an `error` reply for the writer (from the reader)."""
+        await self._queue(self._error_message(code, message, request_id))
+
+    async def _send_error(self, code: ErrorCode, message: str, request_id: str | None) -> None:
+        """The writer's own `error` for a transfer, sent at once where its `file_start` or
+        `file_end` would have gone; replies already queued follow it."""
+        await self._send(self._error_message(code, message, request_id).model_dump_json())
+
+    def _error_message(self, code: ErrorCode, message: str, request_id: str | None) -> ErrorMessage:
         self.server.stats.errors_sent += 1
         logger.debug("client %s: %s: %s", self.name, code.value, message)
-        await self._queue(ErrorMessage(code=code, message=message, request_id=request_id))
+        return ErrorMessage(code=code, message=message, request_id=request_id)
 
     async def _send(self, data: str | bytes) -> None:
         """Send one frame; drop the client if it has not taken any data for the stall time."""
@@ -455,10 +475,12 @@ class Session:
         record = await asyncio.to_thread(self.store.get, job.event_id)
         path = await asyncio.to_thread(self.store.file_for, job.event_id)
         if record is None:
-            await self._error(ErrorCode.UNKNOWN_EVENT, f"no event {job.event_id}", job.request_id)
+            await self._send_error(
+                ErrorCode.UNKNOWN_EVENT, f"no event {job.event_id}", job.request_id
+            )
             return
         if path is None or record.file is None:
-            await self._error(
+            await self._send_error(
                 ErrorCode.FILE_UNAVAILABLE,
                 f"the file of event {job.event_id} is gone (retention or loss)",
                 job.request_id,
@@ -466,7 +488,7 @@ class Session:
             return
         size = record.file.size_bytes
         if job.offset > size:
-            await self._error(
+            await self._send_error(
                 ErrorCode.INVALID_OFFSET,
                 f"offset {job.offset} is beyond the end of the file ({size} bytes)",
                 job.request_id,
@@ -476,7 +498,7 @@ class Session:
             handle = await open_in_thread(path, self.store.events_dir, size, job.offset)
         except OSError as exc:
             logger.error("cannot send %s: %s", path.name, exc)
-            await self._error(
+            await self._send_error(
                 ErrorCode.FILE_UNAVAILABLE,
                 f"cannot read the file of event {job.event_id}",
                 job.request_id,
@@ -486,7 +508,7 @@ class Session:
             await self._stream(job, record, handle, size)  # closes the handle
         except OSError as exc:
             logger.error("reading %s failed during a transfer: %s", path.name, exc)
-            await self._error(
+            await self._send_error(
                 ErrorCode.FILE_UNAVAILABLE,
                 f"reading the file of event {job.event_id} failed; the transfer is aborted",
                 job.request_id,
