@@ -33,7 +33,7 @@ from edge.errors import StorageError
 from edge.fileio import fsync_dir, write_atomically
 from edge.messages.common import EventRecord
 from edge.messages.mqtt import EventEndMessage, EventStartMessage
-from edge.store import EventStore
+from edge.store import MQTT_CURSOR_FILE, MQTT_STARTS_FILE, EventStore
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,10 @@ class Outbox:
     def __init__(self, state_dir: Path, store: EventStore, ws_url: str) -> None:
         self.store = store
         self.ws_url = ws_url
-        self.cursor_path = state_dir / "mqtt_outbox.json"
-        self.starts_path = state_dir / "mqtt_starts.jsonl"
+        # Named in the store, which reads the `end` cursor: it never forgets an event whose
+        # `end` the broker has not acknowledged.
+        self.cursor_path = state_dir / MQTT_CURSOR_FILE
+        self.starts_path = state_dir / MQTT_STARTS_FILE
         self._lock = threading.RLock()
         self._starts: deque[EventStartMessage] = deque()  # unacknowledged, in seq order
         # `end` records fetched from the store but not sent yet: the store's records_since

@@ -261,6 +261,20 @@ class StorageSettings(BaseModel):
         description="Keep at least this many MB free on the data disk (deleting collected "
         "files first, then the oldest).",
     )
+    event_log_keep_days: float = Field(
+        default=7.0,
+        ge=0.0,
+        description="Days (by onset time) that an event's record stays in the event log and in "
+        "memory after its file is gone (deleted by retention), so a controller can still list "
+        "it. Events whose file is on disk or whose MQTT 'end' is not acknowledged are always "
+        "kept. Memory: about 3 kB per record.",
+    )
+    event_log_keep_events: int = Field(
+        default=1000,
+        ge=0,
+        description="The newest this-many events keep their records whatever their age "
+        "(whichever of this and event_log_keep_days keeps more).",
+    )
 
     @property
     def hard_limit_mb(self) -> float:

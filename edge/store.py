@@ -10,13 +10,25 @@ log, then renamed. On open, a record whose file is still `.part` is completed by
 checksum matches; `.part` files with no record are salvaged into records (the agent died while the
 event was being written) so no recorded sound is dropped.
 
+Bounded history: a record whose file is gone (deleted by retention, missing, or never written)
+is dropped from memory and from the log once it is older than `event_log_keep_days` and not
+among the newest `event_log_keep_events`, and only if the MQTT broker acknowledged its `end`
+message (the outbox's durable cursor in `state/mqtt_outbox.json`). Compaction rewrites the log
+aside (`.events.jsonl.compact`), fsyncs it, renames it over the log and fsyncs the directory; a
+crash at any point leaves the old or the new log, both complete. Its first line, `{"kind":
+"compacted", ...}`, keeps what the dropped records contributed: the newest seq (so `seq` and
+`newest_seq` never go back) and the deletion totals reported in health. It runs at open and
+when enough records may go, never holding the lock while it serializes or writes.
+
 All methods are blocking (file I/O); the agent calls them through `asyncio.to_thread` or from
 its writer thread. A lock makes them safe to call from several threads.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +37,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +53,19 @@ logger = logging.getLogger(__name__)
 
 _EVENT_ID_RE = re.compile(EVENT_ID_PATTERN)
 MB = 1024 * 1024
+
+# Compaction runs when at least this many records may go, and at least a quarter of the ones
+# kept (so rewriting the log costs a few lines per dropped record); checked every
+# COMPACT_CHECK_EVERY added events.
+COMPACT_MIN_DROPPABLE = 64
+COMPACT_CHECK_EVERY = 64
+COMPACT_SUFFIX = ".compact"
+
+# The MQTT outbox (edge/outbox.py) keeps its durable cursors here, under `data_dir/state`;
+# `end` is the highest seq whose `end` message the broker acknowledged. The outbox creates its
+# start file when it first opens: with that file but no cursor, nothing is acknowledged yet.
+MQTT_CURSOR_FILE = "mqtt_outbox.json"
+MQTT_STARTS_FILE = "mqtt_starts.jsonl"
 
 
 def event_file_name(device_id: str, onset: datetime, seq: int, extension: str) -> str:
@@ -71,6 +96,11 @@ class _Entry:
     collected: bool = False
     file_present: bool = True
 
+    @property
+    def has_file(self) -> bool:
+        """A file that is (as far as the log knows) on disk."""
+        return self.file_present and self.record.file is not None
+
 
 @dataclass
 class StoreCounters:
@@ -81,7 +111,29 @@ class StoreCounters:
     files_deleted_uncollected: int = 0
     files_salvaged: int = 0
     log_lines_skipped: int = 0
+    records_dropped: int = 0  # by compaction, since open
     last_retention: RetentionReport = field(default_factory=RetentionReport)
+
+
+@dataclass
+class _Compacted:
+    """What the records dropped by compaction contributed; the compacted log's first line."""
+
+    newest_seq: int = 0
+    last_seq: int = 0
+    files_deleted_collected: int = 0
+    files_deleted_uncollected: int = 0
+    records_dropped: int = 0
+
+
+@dataclass
+class _CompactionPlan:
+    """A snapshot taken under the lock: what to write, and where the log's tail begins."""
+
+    keep: list[tuple[EventRecord, bool, bool]]  # record, collected, file_present
+    drop: list[_Entry]
+    header: _Compacted
+    tail_offset: int
 
 
 class EventStore:
@@ -94,11 +146,19 @@ class EventStore:
         self.events_dir = data_dir / "events"
         self.log_path = data_dir / "events.jsonl"
         self.seq_path = data_dir / "state" / "seq"
+        self.compact_path = self.log_path.with_name(f".{self.log_path.name}{COMPACT_SUFFIX}")
         self.counters = StoreCounters()
         self._entries: dict[str, _Entry] = {}
         self._by_seq: list[_Entry] = []  # in seq order (appended in order)
-        self._last_seq = 0
+        self._last_seq = 0  # the last seq handed out
+        self._newest_seq = 0  # the highest seq of a finished event, dropped ones included
+        self._compacted = _Compacted()
+        # Running totals of files on disk, so retention need not walk every record.
+        self._file_bytes = 0
+        self._collected_files = 0
+        self._added_since_check = 0
         self._lock = threading.RLock()
+        self._compact_lock = threading.Lock()  # one compaction at a time
         self._log_handle: Any = None
 
     # -- opening and recovery ------------------------------------------------------------------
@@ -114,12 +174,19 @@ class EventStore:
             self.events_dir.mkdir(parents=True, exist_ok=True)
             self.seq_path.parent.mkdir(parents=True, exist_ok=True)
             with self._lock:
+                if self.compact_path.exists():
+                    # A compaction cut by a crash before its rename: the log is still whole.
+                    logger.warning(
+                        "removing %s left by an interrupted compaction", self.compact_path
+                    )
+                    self.compact_path.unlink()
                 self._replay_log()
                 self._last_seq = max(self._last_seq, self._read_seq_file())
                 self._log_handle = self.log_path.open("ab")
                 self._recover_files()
         except OSError as exc:
             raise StorageError(f"data directory {self.data_dir} is not usable: {exc}") from exc
+        self.compact()
 
     def close(self) -> None:
         with self._lock:
@@ -148,7 +215,7 @@ class EventStore:
                 entry = json.loads(line)
                 self._apply_log_entry(entry)
                 good_end = line_end
-            except (json.JSONDecodeError, ValidationError, KeyError, TypeError) as exc:
+            except (json.JSONDecodeError, ValidationError, KeyError, TypeError, ValueError) as exc:
                 if line_end >= len(raw) and not raw.endswith(b"\n"):
                     # The last line was cut by a crash in mid-append: drop it.
                     logger.warning("dropping a truncated last line of %s", self.log_path)
@@ -173,7 +240,7 @@ class EventStore:
             self._index(record)
         elif kind == "collected":
             if found := self._entries.get(entry["event_id"]):
-                found.collected = True
+                self._set_collected(found)
         elif kind == "deleted":
             if found := self._entries.get(entry["event_id"]):
                 if found.file_present:  # totals over the log's life, for health
@@ -181,7 +248,16 @@ class EventStore:
                         self.counters.files_deleted_collected += 1
                     else:
                         self.counters.files_deleted_uncollected += 1
-                found.file_present = False
+                self._set_file_gone(found)
+        elif kind == "compacted":
+            compacted = _Compacted(
+                **{f.name: int(entry[f.name]) for f in dataclasses.fields(_Compacted)}
+            )
+            self._compacted = compacted
+            self._newest_seq = max(self._newest_seq, compacted.newest_seq)
+            self._last_seq = max(self._last_seq, compacted.last_seq, compacted.newest_seq)
+            self.counters.files_deleted_collected += compacted.files_deleted_collected
+            self.counters.files_deleted_uncollected += compacted.files_deleted_uncollected
         else:
             raise KeyError(kind)
 
@@ -191,7 +267,22 @@ class EventStore:
         self._by_seq.append(entry)
         if len(self._by_seq) > 1 and self._by_seq[-2].record.seq > record.seq:
             self._by_seq.sort(key=lambda e: e.record.seq)
+        if entry.has_file:
+            self._file_bytes += _size_of(entry)
         self._last_seq = max(self._last_seq, record.seq)
+        self._newest_seq = max(self._newest_seq, record.seq)
+
+    def _set_collected(self, entry: _Entry) -> None:
+        if not entry.collected and entry.has_file:
+            self._collected_files += 1
+        entry.collected = True
+
+    def _set_file_gone(self, entry: _Entry) -> None:
+        if entry.has_file:
+            self._file_bytes -= _size_of(entry)
+            if entry.collected:
+                self._collected_files -= 1
+        entry.file_present = False
 
     def _recover_files(self) -> None:
         """Finish renames cut by a crash; salvage `.part` files with no record."""
@@ -207,7 +298,7 @@ class EventStore:
                 fsync_dir(final.parent)
                 logger.info("completed the interrupted rename of %s", final.name)
             else:
-                entry.file_present = False
+                self._set_file_gone(entry)
                 self._append_log(
                     {
                         "kind": "deleted",
@@ -255,9 +346,9 @@ class EventStore:
 
     @property
     def newest_seq(self) -> int:
-        """The highest seq of a finished event in the log (0 if none)."""
+        """The highest seq of a finished event (0 if none), even if compaction dropped it."""
         with self._lock:
-            return self._by_seq[-1].record.seq if self._by_seq else 0
+            return self._newest_seq
 
     # -- adding, listing, collecting ------------------------------------------------------------
 
@@ -270,7 +361,11 @@ class EventStore:
         return self.directory_for(record.onset_time) / record.file.name
 
     def add(self, record: EventRecord, written_part: Path | None) -> None:
-        """Log a finished event, then move its `.part` file to the final name."""
+        """Log a finished event, then move its `.part` file to the final name.
+
+        Every COMPACT_CHECK_EVERY events, compacts the log if enough records may go (in the
+        calling thread, after the lock is released).
+        """
         with self._lock:
             self._append_log({"kind": "event", "record": record.model_dump(mode="json")})
             self._index(record)
@@ -279,6 +374,12 @@ class EventStore:
                 final = self.path_of(record)
                 written_part.replace(final)
                 fsync_dir(final.parent)
+            self._added_since_check += 1
+            check = self._added_since_check >= COMPACT_CHECK_EVERY
+            if check:
+                self._added_since_check = 0
+        if check:
+            self.compact(min_droppable=COMPACT_MIN_DROPPABLE)
 
     def _append_log(self, entry: dict[str, Any]) -> None:
         line = json.dumps(entry, separators=(",", ":")).encode("utf-8") + b"\n"
@@ -310,9 +411,13 @@ class EventStore:
             return self.path_of(entry.record)
 
     def records_since(self, since_seq: int, limit: int) -> list[EventRecord]:
-        """Finished events with seq > since_seq, in seq order, at most `limit`."""
+        """Finished events with seq > since_seq, in seq order, at most `limit`.
+
+        Records dropped by compaction are not listed: asking for older seqs gives what is kept.
+        """
         with self._lock:
-            return [e.record for e in self._by_seq if e.record.seq > since_seq][:limit]
+            first = bisect.bisect_right(self._by_seq, since_seq, key=lambda e: e.record.seq)
+            return [e.record for e in self._by_seq[first : first + max(limit, 0)]]
 
     def is_collected(self, event_id: str) -> bool:
         with self._lock:
@@ -326,14 +431,14 @@ class EventStore:
             if entry is None:
                 return False
             if not entry.collected:
-                entry.collected = True
+                self._set_collected(entry)
                 self._append_log(
                     {"kind": "collected", "event_id": event_id, "at": iso_utc(utc_now())}
                 )
             return True
 
     def events_on(self, day: str) -> int:
-        """Number of events whose onset is on `day` (YYYY-MM-DD, UTC)."""
+        """Number of kept events whose onset is on `day` (YYYY-MM-DD, UTC)."""
         with self._lock:
             return sum(1 for e in self._by_seq if e.record.onset_time.strftime("%Y-%m-%d") == day)
 
@@ -342,24 +447,24 @@ class EventStore:
         with self._lock:
             return sum(1 for e in self._by_seq if e.file_present and not e.collected)
 
-    # -- retention ------------------------------------------------------------------------------
+    @property
+    def records_held(self) -> int:
+        """Records kept in memory (and in the log)."""
+        with self._lock:
+            return len(self._by_seq)
 
-    def _files_oldest_first(self) -> Iterator[_Entry]:
-        return (e for e in self._by_seq if e.file_present and e.record.file is not None)
+    # -- retention ------------------------------------------------------------------------------
 
     def enforce_retention(self, reserve_bytes: int = 0) -> RetentionReport:
         """Delete files to stay within the limits; collected files go first, oldest first.
 
         Uncollected files are deleted only above the hard limit or when the disk itself is
-        short of `min_free_mb`: recording new sound wins over keeping the oldest.
+        short of `min_free_mb`: recording new sound wins over keeping the oldest. Within the
+        limits this costs a disk-usage call, not a walk over the records.
         """
         with self._lock:
             report = RetentionReport()
-            sizes = {
-                e.record.event_id: (e.record.file.size_bytes if e.record.file else 0)
-                for e in self._files_oldest_first()
-            }
-            used = sum(sizes.values()) + reserve_bytes
+            used = self._file_bytes + reserve_bytes
             free = self.disk_free_bytes()
             soft = int(self.storage.max_disk_mb * MB)
             hard = int(self.storage.hard_limit_mb * MB)
@@ -369,12 +474,14 @@ class EventStore:
                 return used > limit or free < min_free
 
             for kind, limit in (("collected", soft), ("uncollected", hard)):
-                for entry in list(self._files_oldest_first()):
+                if not over(limit) or (kind == "collected" and self._collected_files == 0):
+                    continue
+                for entry in self._by_seq:  # oldest first; deleting only changes the entry
                     if not over(limit):
                         break
-                    if (kind == "collected") != entry.collected:
+                    if not entry.has_file or (kind == "collected") != entry.collected:
                         continue
-                    size = sizes[entry.record.event_id]
+                    size = _size_of(entry)
                     self._delete_file(entry, reason=f"retention ({kind})")
                     used -= size
                     free += size
@@ -384,7 +491,7 @@ class EventStore:
                     else:
                         report.deleted_uncollected += 1
                         self.counters.files_deleted_uncollected += 1
-            report.event_bytes = used - reserve_bytes
+            report.event_bytes = self._file_bytes
             report.disk_free_bytes = self.disk_free_bytes()
             self.counters.last_retention = report
             return report
@@ -393,7 +500,7 @@ class EventStore:
         path = self.path_of(entry.record)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        entry.file_present = False
+        self._set_file_gone(entry)
         self._append_log(
             {
                 "kind": "deleted",
@@ -413,9 +520,149 @@ class EventStore:
 
     def event_bytes(self) -> int:
         with self._lock:
-            return sum(
-                e.record.file.size_bytes for e in self._files_oldest_first() if e.record.file
+            return self._file_bytes
+
+    # -- compaction -----------------------------------------------------------------------------
+
+    def compact(self, min_droppable: int = 1) -> int:
+        """Drop old records whose file is gone, from memory and the log; the number dropped.
+
+        Does nothing unless at least `min_droppable` records (and a quarter of those kept,
+        when called with more than 1) may go, or while another thread compacts. The lock is
+        held only to take a snapshot and to swap the files, not while the log is written.
+        Failures are logged: the old log stays in place and nothing is lost.
+        """
+        if not self._compact_lock.acquire(blocking=False):
+            return 0
+        try:
+            plan = self._plan_compaction(min_droppable)
+            if plan is None:
+                return 0
+            try:
+                self._write_compacted(plan)
+                self._install_compacted(plan)
+            except (OSError, StorageError) as exc:
+                logger.error("could not compact %s (kept as it is): %s", self.log_path, exc)
+                with contextlib.suppress(OSError):
+                    self.compact_path.unlink()
+                return 0
+            return len(plan.drop)
+        finally:
+            self._compact_lock.release()
+
+    def _mqtt_acked_seq(self) -> int | None:
+        """The highest seq whose MQTT `end` is durably acknowledged; None if MQTT never ran."""
+        state_dir = self.seq_path.parent
+        try:
+            raw = json.loads((state_dir / MQTT_CURSOR_FILE).read_text(encoding="utf-8"))
+            return int(raw["end"])
+        except FileNotFoundError:
+            return 0 if (state_dir / MQTT_STARTS_FILE).exists() else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0  # the outbox resends everything then: keep everything for it
+
+    def _plan_compaction(self, min_droppable: int) -> _CompactionPlan | None:
+        acked = self._mqtt_acked_seq()  # read before taking the lock
+        horizon = utc_now() - timedelta(days=self.storage.event_log_keep_days)
+        with self._lock:
+            if self._log_handle is None:
+                return None
+            protected_from = len(self._by_seq) - self.storage.event_log_keep_events
+            keep: list[_Entry] = []
+            drop: list[_Entry] = []
+            for index, entry in enumerate(self._by_seq):
+                droppable = (
+                    index < protected_from
+                    and not entry.has_file
+                    and entry.record.onset_time < horizon
+                    and (acked is None or entry.record.seq <= acked)
+                )
+                (drop if droppable else keep).append(entry)
+            wanted = min_droppable if min_droppable <= 1 else max(min_droppable, len(keep) // 4)
+            if not drop or len(drop) < wanted:
+                return None
+            gone_collected = sum(1 for e in drop if e.record.file is not None and e.collected)
+            gone_uncollected = sum(1 for e in drop if e.record.file is not None and not e.collected)
+            header = _Compacted(
+                newest_seq=self._newest_seq,
+                last_seq=self._last_seq,
+                files_deleted_collected=self._compacted.files_deleted_collected + gone_collected,
+                files_deleted_uncollected=self._compacted.files_deleted_uncollected
+                + gone_uncollected,
+                records_dropped=self._compacted.records_dropped + len(drop),
             )
+            self._log_handle.flush()  # every append went through it: its size is the log's
+            return _CompactionPlan(
+                keep=[(e.record, e.collected, e.file_present) for e in keep],
+                drop=drop,
+                header=header,
+                tail_offset=os.fstat(self._log_handle.fileno()).st_size,
+            )
+
+    def _write_compacted(self, plan: _CompactionPlan) -> None:
+        """Write the kept records aside and fsync them (no lock: records are immutable)."""
+        at = iso_utc(utc_now())
+        with self.compact_path.open("wb") as handle:
+            header = {"kind": "compacted", "at": at, **dataclasses.asdict(plan.header)}
+            handle.write(_log_line(header))
+            for record, collected, file_present in plan.keep:
+                handle.write(_log_line({"kind": "event", "record": record.model_dump(mode="json")}))
+                event_id = record.event_id
+                if collected:
+                    handle.write(_log_line({"kind": "collected", "event_id": event_id, "at": at}))
+                if not file_present:
+                    handle.write(
+                        _log_line(
+                            {
+                                "kind": "deleted",
+                                "event_id": event_id,
+                                "reason": "before compaction",
+                                "at": at,
+                            }
+                        )
+                    )
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _install_compacted(self, plan: _CompactionPlan) -> None:
+        """Append what the log got since the snapshot, rename over the log, forget the dropped."""
+        with self._lock:
+            if self._log_handle is None:
+                raise StorageError("the event store was closed during compaction")
+            with self.log_path.open("rb") as old:
+                old.seek(plan.tail_offset)
+                tail = old.read()
+            with self.compact_path.open("ab") as handle:
+                handle.write(tail)
+                handle.flush()
+                os.fsync(handle.fileno())
+            # Closed before the rename: Windows cannot replace an open file.
+            self._log_handle.close()
+            try:
+                self.compact_path.replace(self.log_path)
+                fsync_dir(self.log_path.parent)
+            finally:
+                self._log_handle = self.log_path.open("ab")
+            dropped = {id(e) for e in plan.drop}
+            self._by_seq = [e for e in self._by_seq if id(e) not in dropped]
+            for entry in plan.drop:
+                if self._entries.get(entry.record.event_id) is entry:
+                    del self._entries[entry.record.event_id]
+            self._compacted = plan.header
+            self.counters.records_dropped += len(plan.drop)
+        logger.info(
+            "event log compacted: %d old records dropped, %d kept",
+            len(plan.drop),
+            len(plan.keep),
+        )
+
+
+def _size_of(entry: _Entry) -> int:
+    return entry.record.file.size_bytes if entry.record.file is not None else 0
+
+
+def _log_line(entry: dict[str, Any]) -> bytes:
+    return json.dumps(entry, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
 def _lines_with_ends(raw: bytes) -> Iterator[tuple[int, bytes]]:
