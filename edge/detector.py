@@ -248,7 +248,9 @@ class Detector:
         """End of input: close an open event at its last loud frame; drop a too-short one."""
         events: list[DetectionEvent] = []
         if self._state == "active":
-            events.append(self._end_event(self._last_above_end, split=False))
+            events.append(
+                self._end_event(self._last_above_end, split=False, floor_db=self._floor_db_now())
+            )
         self._state = "idle"
         return events
 
@@ -356,7 +358,9 @@ class Detector:
                 self._event_peak_db = max(self._event_peak_db, level_list[i])
                 if self._state == "active":
                     split_at = self._onset + self._max_event_samples
-                    events.append(self._end_event(split_at, split=True))
+                    events.append(
+                        self._end_event(split_at, split=True, floor_db=float(floor_db[i]))
+                    )
                     self._onset = split_at
                     self._event_peak_db = level_list[i]
                     self._trigger_db = level_list[i]
@@ -380,7 +384,11 @@ class Detector:
             if end >= n_frames:
                 break
             if self._state == "active":
-                events.append(self._end_event(self._last_above_end, split=False))
+                events.append(
+                    self._end_event(
+                        self._last_above_end, split=False, floor_db=float(floor_db[end])
+                    )
+                )
             self._state = "idle"
             i = end + 1
         return events
@@ -448,14 +456,16 @@ class Detector:
             noise_floor_dbfs=self._trigger_floor_db + self._calibration_db,
         )
 
-    def _end_event(self, sample: int, *, split: bool) -> DetectionEvent:
+    def _end_event(self, sample: int, *, split: bool, floor_db: float) -> DetectionEvent:
+        """An end; `floor_db` is the broadband floor in effect at the frame that ended it (so
+        it does not depend on how far past that frame the current block goes)."""
         self._state = "idle"
         self._last_end = sample
         return DetectionEvent(
             kind="end",
             sample=sample,
             peak_dbfs=self._event_peak_db + self._calibration_db,
-            noise_floor_dbfs=self._floor_db_now() + self._calibration_db,
+            noise_floor_dbfs=floor_db + self._calibration_db,
             split=split,
         )
 

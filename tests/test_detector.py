@@ -398,3 +398,14 @@ def test_splits_confirmations_and_hang_do_not_depend_on_block_sizes(blocksize: i
     reference = run(signal, chosen, blocksize=signal.size)
     assert [e.split for e in reference if e.kind == "end"].count(True) >= 2
     assert timeline(run(signal, chosen, blocksize=blocksize)) == timeline(reference)
+
+
+@pytest.mark.parametrize("blocksize", [480, 4096])
+def test_end_reports_the_floor_at_its_own_frame_whatever_the_block_size(blocksize: int) -> None:
+    """The floor moves twice a second under a rising background; the `end` carries the floor
+    in effect where the event ended, not wherever the block being analysed happens to end."""
+    rising = noise(12.0, seed=11) * np.geomspace(1.0, 4.0, int(12.0 * SR)).astype(np.float32)
+    signal = add_at(add_at(rising, tone(0.3, 2000.0, 0.1), 4.0), tone(0.3, 2000.0, 0.1), 8.0)
+    reference = run(signal, blocksize=signal.size)
+    assert [e.kind for e in reference] == ["start", "end", "start", "end"]
+    assert run(signal, blocksize=blocksize) == reference
