@@ -1,7 +1,9 @@
 """The pipeline: ring → detector → event files, on the event loop.
 
-Woken by the capture callback (through `call_soon_threadsafe`), it reads the new frames from the
-ring, checks the input for a dead microphone, runs the detector and feeds open recordings. File
+Woken by the capture callback (through `call_soon_threadsafe`) once per batch of
+`audio.process_interval_s` of audio, or at once when a block looks like the start of a sound
+(`on_audio_block`, `OnsetGate`), it reads the new frames from the ring, checks the input for a
+dead microphone, runs the detector and feeds open recordings. File
 writes go to one dedicated thread in submission order, so the loop never waits on the disk and
 the audio stream is never stopped to write a file.
 """
