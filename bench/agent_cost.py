@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tests.fixtures.agent_process import AgentProcess, clean_env
-from tests.fixtures.virtual_mic import DEVICE_NAME, VirtualMic
+from tests.fixtures.virtual_mic import DEVICE_NAME, start_virtual_mic
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 SAMPLERATE = 48000
@@ -89,19 +89,6 @@ def status_mib(pid: int, key: str) -> float:
         if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no {key} for pid {pid}")
-
-
-def start_virtual_mic(workdir: Path) -> VirtualMic:
-    """As the `virtual_mic` test fixture does: a private HOME, runtime dir and server socket."""
-    home, runtime = workdir / "home", workdir / "run"
-    home.mkdir()
-    runtime.mkdir(mode=0o700)
-    os.environ.update(
-        HOME=str(home), XDG_RUNTIME_DIR=str(runtime), PULSE_SERVER=f"unix:{runtime}/pulse/native"
-    )
-    mic = VirtualMic(env=dict(os.environ), workdir=workdir)
-    mic.start()
-    return mic
 
 
 def run(

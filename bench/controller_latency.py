@@ -35,9 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.mqtt_latency import percentile, start_virtual_mic  # noqa: E402
+from bench.mqtt_latency import percentile  # noqa: E402
 from tests.fixtures.broker import Broker, free_port  # noqa: E402
-from tests.fixtures.virtual_mic import DEVICE_NAME  # noqa: E402
+from tests.fixtures.virtual_mic import DEVICE_NAME, start_virtual_mic  # noqa: E402
 
 TOKEN = "bench-token"
 OUT = REPO / "bench" / "out" / "controller_latency.json"

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from bench.mqtt_publisher_latency import run as publisher_latency  # noqa: E402
 from edge.messages.mqtt import EventStartMessage, parse_event_message  # noqa: E402
 from tests.fixtures.broker import Broker, MqttRecorder, free_port  # noqa: E402
-from tests.fixtures.virtual_mic import DEVICE_NAME, VirtualMic  # noqa: E402
+from tests.fixtures.virtual_mic import DEVICE_NAME, VirtualMic, start_virtual_mic  # noqa: E402
 
 BLOCKSIZE = 1024
 SAMPLERATE = 48000
@@ -38,18 +38,6 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
-
-
-def start_virtual_mic(workdir: Path) -> VirtualMic:
-    home, runtime = workdir / "home", workdir / "run"
-    home.mkdir()
-    runtime.mkdir(mode=0o700)
-    os.environ.update(
-        HOME=str(home), XDG_RUNTIME_DIR=str(runtime), PULSE_SERVER=f"unix:{runtime}/pulse/native"
-    )
-    mic = VirtualMic(env=dict(os.environ), workdir=workdir)
-    mic.start()
-    return mic
 
 
 def agent_latency(
