@@ -39,6 +39,7 @@ from controller.links import DeviceLink, UrlResolver
 from controller.progress import NullProgress, Progress
 from controller.settings import ControllerSettings
 from controller.wsclient import AgentClient
+from edge.aio import sleep_unless
 from edge.messages.common import EventRecord
 from edge.messages.ws import ErrorCode
 from edge.mqtt import backoff_delay
@@ -121,8 +122,7 @@ class Collector:
         interval = self._config.catchup_interval_s
         try:
             while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), interval if interval > 0 else None)
+                await sleep_unless(stop, interval if interval > 0 else None)
                 if not stop.is_set():
                     for device_id in sorted(self._online):
                         self.request_catch_up(device_id)

@@ -32,6 +32,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from controller.errors import ControllerError
 from controller.settings import ControllerMqttSettings
+from edge.aio import sleep_unless
 from edge.mqtt import backoff_delay
 from edge.mqtt_client import AUTH_FAILURES
 from edge.topics import Kind, fleet_filter
@@ -441,7 +442,7 @@ async def supervise(
                 "MQTT: %s; retrying in %.1f s", exc, delay
             )
             attempt += 1
-            await _sleep(delay, stop)
+            await sleep_unless(stop, delay)
             continue
         attempt = 0
         logger.info(
@@ -460,7 +461,7 @@ async def supervise(
             logger.warning(
                 "MQTT connection lost (%s); reconnecting in %.1f s", conn.close_reason, delay
             )
-            await _sleep(delay, stop)
+            await sleep_unless(stop, delay)
 
 
 async def _run_session(conn: Connection, session: Session) -> None:
@@ -489,8 +490,3 @@ async def _until(awaitable: Awaitable[None], stop: asyncio.Event) -> None:
             task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-async def _sleep(delay_s: float, stop: asyncio.Event) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), delay_s)

@@ -8,7 +8,6 @@ agent: an onset check and `loop.call_soon_threadsafe`). Everything else runs els
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import threading
@@ -20,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edge.aio import sleep_unless
 from edge.errors import AudioDeviceError
 from edge.ring import AudioBlock, AudioRing
 from edge.settings import AudioSettings
@@ -387,7 +387,7 @@ class CaptureSupervisor:
                     )
                     reported = message
                 self._on_state("waiting_for_device", message)
-                await _wait(stop, delay_s * random.uniform(0.8, 1.2))
+                await sleep_unless(stop, delay_s * random.uniform(0.8, 1.2))
                 delay_s = min(delay_s * 2, self._settings.reopen_backoff_max_s)
                 await asyncio.to_thread(self._reinitialise)
                 continue
@@ -400,7 +400,7 @@ class CaptureSupervisor:
             flowing = False
             pacing = _RateMeter(self._settings.samplerate, self._ring.frames_written)
             while not stop.is_set():
-                await _wait(stop, SUPERVISE_S)
+                await sleep_unless(stop, SUPERVISE_S)
                 last = max(self.source.last_block_monotonic, opened_at)
                 if not flowing and self.source.last_block_monotonic > opened_at:
                     # Said once audio arrives: opening a device is not the same as hearing it.
@@ -473,14 +473,3 @@ class _RateMeter:
             self.factor = (frames - self._frames) / self._samplerate / elapsed
             self._frames, self._since = frames, time.monotonic()
         return self.factor
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    """Wait `seconds`, or less if `stop` is set.
-
-    A timeout around the wait itself, not `wait_for`: that would start a task per wait, and
-    this runs twice a second for as long as the agent lives.
-    """
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await stop.wait()

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from edge import __version__
+from edge.aio import sleep_unless
 from edge.bus import AgentEvent, EventBus, EventStarted
 from edge.discovery import discovery_messages
 from edge.errors import StorageError
@@ -203,7 +204,7 @@ class MqttPublisher:
                 # str(): a logged exception object would keep its traceback (and sockets) alive.
                 log("MQTT: %s; retrying in %.1f s", str(exc), delay)
                 attempt += 1
-                await _sleep_until_stop(delay, stop)
+                await sleep_unless(stop, delay)
                 continue
             if stop.is_set():
                 await conn.close()
@@ -232,7 +233,7 @@ class MqttPublisher:
                 logger.warning(
                     "MQTT connection lost (%s); reconnecting in %.1f s", conn.close_reason, delay
                 )
-                await _sleep_until_stop(delay, stop)
+                await sleep_unless(stop, delay)
 
     async def _session(self, conn: Connection, stop: asyncio.Event) -> None:
         self._conn = conn
@@ -586,8 +587,3 @@ async def _until_stop(awaitable: Awaitable[T], stop: asyncio.Event) -> T | None:
     with contextlib.suppress(asyncio.CancelledError, MqttError):
         await task
     return None
-
-
-async def _sleep_until_stop(delay_s: float, stop: asyncio.Event) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), delay_s)

@@ -16,11 +16,11 @@ Both are no-ops outside systemd (no `$NOTIFY_SOCKET`), e.g. on a terminal or on 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 
+from edge.aio import sleep_unless
 from edge.sdnotify import SdNotifier, watchdog_interval_s
 from edge.state import AgentState
 
@@ -119,8 +119,7 @@ class ServiceWatchdog:
                     notifier.watchdog()
                     self.pings += 1
                     last_ping = now
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=poll_s)
+                await sleep_unless(stop, poll_s)
         finally:
             notifier.stopping("stopping: finishing the current file")
             notifier.close()
@@ -166,8 +165,7 @@ class ServiceHeartbeat:
                 if interval is not None and (self._alive is None or self._alive()):
                     notifier.watchdog()
                     self.pings += 1
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=poll_s)
+                await sleep_unless(stop, poll_s)
         finally:
             notifier.stopping("stopping")
             notifier.close()
