@@ -147,10 +147,12 @@ class Pipeline:
         self._wake = asyncio.Event()
         # Batching, shared with the audio thread through plain ints (atomic in CPython): the
         # loop wants to be woken once the ring reaches `_wake_at_frame`, and for every block
-        # until `_eager_until_frame` (after a likely onset).
+        # until `_eager_until_frame` (after a likely onset) unless the loop has marked that
+        # window done (`_eager_done`: the detector started the event, nothing left to hurry).
         self._onset_gate = OnsetGate()
         self._wake_at_frame = 0
         self._eager_until_frame = 0
+        self._eager_done = 0
         self._batch_frames = 0
         self._eager_frames = 0
         self._set_batching(settings)
@@ -177,7 +179,10 @@ class Pipeline:
         if self._onset_gate.update(block):
             self._eager_until_frame = written + self._eager_frames
             return True
-        return written >= self._wake_at_frame or written < self._eager_until_frame
+        eager_until = self._eager_until_frame
+        return written >= self._wake_at_frame or (
+            written < eager_until and eager_until != self._eager_done
+        )
 
     def _set_batching(self, settings: AgentSettings) -> None:
         rate = self._samplerate
@@ -260,6 +265,10 @@ class Pipeline:
         state.frames_processed += block.shape[0]
         state.last_block_monotonic = time.monotonic()
 
+        if any(event.kind == "start" for event in events):
+            # The start is out: the rest of the eager window would only cost wake-ups. A new
+            # onset gets a new window (another frame number), which this does not end.
+            self._eager_done = self._eager_until_frame
         for event in events:
             await self._handle(event, settings)
         self._feed(block, block_start, block_start + block.shape[0])

@@ -169,3 +169,46 @@ async def test_batching_pipeline_is_woken_at_once_by_an_onset(
     # ...until the tone's first block woke the pipeline mid-batch, and the start came from
     # that run (or the block-by-block runs after it), not from the next full batch.
     assert gaps[-1] < batch_frames
+
+
+async def test_batching_resumes_once_the_start_is_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the onset's eager runs produced the `start`, the pipeline goes back to batches at
+    once instead of running for every block of the rest of the eager window."""
+    source_path = tmp_path / "scene.wav"
+    _scene(source_path, [(2.5, 0.5)], seconds=4.5)
+    settings = _settings(tmp_path)
+    settings = settings.model_copy(
+        update={
+            "audio": settings.audio.model_copy(update={"process_interval_s": 1.0}),
+            # A long eager window, so the test tells "ended by the start" from "ran out".
+            "detector": settings.detector.model_copy(update={"min_event_s": 0.3}),
+        }
+    )
+    history: list[int | str] = []
+    drain = Pipeline._drain
+
+    async def recording_drain(self: Pipeline) -> None:
+        history.append(self._ring.frames_written)
+        await drain(self)
+
+    monkeypatch.setattr(Pipeline, "_drain", recording_drain)
+    agent = Agent(settings, FileSource(source_path, realtime=True))
+    publish = agent.bus.publish
+
+    def recording_publish(event: AgentEvent) -> None:
+        if isinstance(event, EventStarted):
+            history.append("start")
+        publish(event)
+
+    monkeypatch.setattr(agent.bus, "publish", recording_publish)
+    await _run_until(agent, events=1)
+    at_start = history.index("start")
+    start_run = history[at_start - 1]
+    later_runs = [frames for frames in history[at_start + 1 :] if isinstance(frames, int)]
+    assert isinstance(start_run, int)
+    assert later_runs, "the event ended after further pipeline runs"
+    # The eager window (min_event_s + 0.1 s after the onset) is still open when the start goes
+    # out 0.3 s in; the next run is nevertheless a whole batch later.
+    assert later_runs[0] - start_run >= RATE
