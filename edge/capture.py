@@ -2,7 +2,9 @@
 
 The PortAudio callback runs on a real-time thread. It only copies the block into the ring,
 counts overflow flags, notes the time, and calls the wake-up function with the block (in the
-agent: an onset check and `loop.call_soon_threadsafe`). Everything else runs elsewhere.
+agent: an onset check and `loop.call_soon_threadsafe`). Everything else runs elsewhere. The
+stream is sounddevice's raw one: it hands over PortAudio's buffer as it is, which the ring
+copies as bytes, instead of wrapping every block in a numpy array first.
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ class SoundCardSource:
                 samplerate=self._settings.samplerate,
                 dtype="float32",
             )
-            self._stream = sd.InputStream(
+            self._stream = sd.RawInputStream(
                 device=device.index,
                 channels=self._settings.channels,
                 samplerate=self._settings.samplerate,
@@ -201,16 +203,18 @@ class SoundCardSource:
                 f"{self._settings.channels} channel(s): {exc}"
             ) from exc
 
-    def _on_audio(self, indata: AudioBlock, frames: int, time_info: Any, status: Any) -> None:
+    def _on_audio(self, indata: Any, frames: int, time_info: Any, status: Any) -> None:
         # Real-time thread: copy, count, note the time, wake the loop. Nothing else.
+        # `indata` is PortAudio's buffer of float32 samples, valid during this call only.
         if status.input_overflow:
             self.overflows += 1
         ring = self._ring
-        if ring is not None:
-            ring._on_write(indata)
-            self._anchor = (ring.frames_written, time.time())
+        if ring is None:
+            return
+        block = ring._on_write_buffer(indata, frames)
+        self._anchor = (ring.frames_written, time.time())
         self._last_block_monotonic = time.monotonic()
-        self._wake(indata)
+        self._wake(block)
 
     def _on_finished(self) -> None:
         self._failed = True

@@ -65,3 +65,28 @@ def test_any_block_sequence_holds_exactly_the_last_capacity_frames(
     start = max(0, written - capacity)
     out = ring.read(start, written)
     np.testing.assert_array_equal(out[:, 1], np.arange(start, written, dtype=np.float32))
+
+
+@given(
+    capacity=st.integers(1, 64),
+    channels=st.integers(1, 2),
+    blocks=st.lists(st.integers(1, 80), min_size=1, max_size=20),
+)
+def test_raw_buffers_are_held_like_arrays_and_returned_as_written(
+    capacity: int, channels: int, blocks: list[int]
+) -> None:
+    """The audio thread's byte copy of PortAudio's buffer (sounddevice's raw stream) leaves the
+    ring exactly as an array write does, and hands back the block it wrote."""
+    raw_ring = AudioRing(capacity, channels)
+    array_ring = AudioRing(capacity, channels)
+    written = 0
+    for size in blocks:
+        block = _ramp(written, size, channels) - 0.5  # distinct values, not a zero-filled ring
+        returned = raw_ring._on_write_buffer(block.tobytes(), size)
+        array_ring.write(block)
+        np.testing.assert_array_equal(returned, block)
+        written += size
+    assert raw_ring.frames_written == array_ring.frames_written == written
+    np.testing.assert_array_equal(raw_ring._data, array_ring._data)
+    start = max(0, written - capacity)
+    np.testing.assert_array_equal(raw_ring.read(start, written), array_ring.read(start, written))
