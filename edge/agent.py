@@ -22,7 +22,7 @@ from edge.ring import AudioBlock, AudioRing
 from edge.runtime import RuntimeConfig
 from edge.settings import AgentSettings
 from edge.state import AgentState, CaptureState
-from edge.store import EventStore
+from edge.store import EventStore, LogCompactor
 from edge.watchdog import ServiceWatchdog
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,11 @@ class Agent:
         self.state = AgentState()
         self.runtime = RuntimeConfig(settings)
         self.store = EventStore(settings.data_dir, settings.device_id, settings.storage)
+        if not settings.mqtt.enabled:
+            # Nothing delivers event messages, so nothing holds the history back: not even the
+            # cursor an earlier run with MQTT left behind. With MQTT on, the outbox hands its
+            # cursor over when it opens; until then the store keeps everything.
+            self.store.set_delivery_horizon(None)
         self.bus = EventBus()
         self.source: AudioSource = source or SoundCardSource(settings.audio)
         audio = settings.audio
@@ -110,6 +115,8 @@ class Agent:
                 pipeline_task = tasks.create_task(pipeline.run(self.stop_capture), name="pipeline")
                 for name, component in publishers:
                     tasks.create_task(component.run(self.stop_publishers), name=name)
+                compactor = LogCompactor(self.store)
+                tasks.create_task(compactor.run(self.stop_publishers), name="log-compaction")
                 tasks.create_task(self._stop_publishers_after(pipeline_task), name="shutdown")
                 # systemd readiness and liveness: pings only while audio is really flowing.
                 watchdog = ServiceWatchdog(self.state, stall_s=self.settings.audio.ring_s)

@@ -6,10 +6,17 @@ Two ordered streams, merged by `seq` when sent (start before end of the same eve
 - `start` messages are appended to `state/mqtt_starts.jsonl` (fsynced) before they are sent,
   with their own acknowledged cursor; the file is emptied once everything in it was acknowledged.
 
-Both cursors live in `state/mqtt_outbox.json`, written atomically. A crash (kill -9, power loss)
-can only make a cursor lag, so a message may be delivered twice, never lost: consumers
-deduplicate by `event_id`. The store is assumed to append finished events in seq order (the
-pipeline finishes files in the order their events started).
+Both cursors live in `state/mqtt_outbox.json`, written atomically; this module alone reads and
+writes these files. A crash (kill -9, power loss) can only make a cursor lag, so a message may
+be delivered twice, never lost: consumers deduplicate by `event_id`. The store is assumed to
+append finished events in seq order (the pipeline finishes files in the order their events
+started).
+
+The store compacts old records away only up to the `end` cursor, which the outbox hands over
+(`EventStore.set_delivery_horizon`) when it opens and each time it persists it. While MQTT is
+off nothing gates compaction, so after MQTT is enabled again records above the cursor may be
+gone: their `end` is not sent (`records_since` lists what is kept), and neither is a pending
+`start` whose event the log no longer holds, as no `end` would follow it.
 
 Methods that touch files are blocking (call them through `asyncio.to_thread`); a lock makes the
 outbox safe to use from the loop and a worker thread at once.
@@ -33,9 +40,12 @@ from edge.errors import StorageError
 from edge.fileio import fsync_dir, write_atomically
 from edge.messages.common import EventRecord
 from edge.messages.mqtt import EventEndMessage, EventStartMessage
-from edge.store import MQTT_CURSOR_FILE, MQTT_STARTS_FILE, EventStore
+from edge.store import EventStore
 
 logger = logging.getLogger(__name__)
+
+MQTT_CURSOR_FILE = "mqtt_outbox.json"
+MQTT_STARTS_FILE = "mqtt_starts.jsonl"
 
 StreamName = Literal["start", "end"]
 FETCH_BATCH = 256  # `end` records read from the event log at a time
@@ -92,8 +102,6 @@ class Outbox:
     def __init__(self, state_dir: Path, store: EventStore, ws_url: str) -> None:
         self.store = store
         self.ws_url = ws_url
-        # Named in the store, which reads the `end` cursor: it never forgets an event whose
-        # `end` the broker has not acknowledged.
         self.cursor_path = state_dir / MQTT_CURSOR_FILE
         self.starts_path = state_dir / MQTT_STARTS_FILE
         self._lock = threading.RLock()
@@ -109,14 +117,21 @@ class Outbox:
     # -- opening ----------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Read the cursors and the pending start messages. Raises StorageError."""
+        """Read the cursors and the pending start messages, tell the store what was delivered.
+
+        Raises StorageError.
+        """
         try:
             self.cursor_path.parent.mkdir(parents=True, exist_ok=True)
             with self._lock:
                 cursors = self._read_cursors()
                 self._streams = {name: _Stream(cursors[name]) for name in ("start", "end")}
                 self._persisted = dict(cursors)
-                self._starts = deque(s for s in self._read_starts() if s.seq > cursors["start"])
+                self._starts = deque(
+                    s
+                    for s in self._read_starts()
+                    if s.seq > cursors["start"] and self._end_may_follow(s.seq)
+                )
                 self._ends.clear()
                 self._ends_fetched = cursors["end"]
                 created = not self.starts_path.exists()
@@ -125,6 +140,7 @@ class Outbox:
                     fsync_dir(self.starts_path.parent)
         except OSError as exc:
             raise StorageError(f"MQTT outbox in {self.cursor_path.parent}: {exc}") from exc
+        self.store.set_delivery_horizon(cursors["end"])
         if self.depth:
             logger.info("MQTT outbox holds %d event messages to deliver", self.depth)
 
@@ -144,6 +160,14 @@ class Outbox:
             # Losing the cursor must not lose events: start over and let consumers dedupe.
             logger.error("unreadable %s (%s): resending every event", self.cursor_path, exc)
             return {"start": 0, "end": 0}
+
+    def _end_may_follow(self, seq: int) -> bool:
+        """False for an event that finished but is not in the event log: compacted away while
+        MQTT was off (or never saved); its `start` would announce what nobody can fetch."""
+        if seq > self.store.newest_seq:
+            return True  # still being recorded, or its record is on its way
+        kept = self.store.records_since(seq - 1, 1)
+        return bool(kept) and kept[0].seq == seq
 
     def _read_starts(self) -> list[EventStartMessage]:
         try:
@@ -248,6 +272,7 @@ class Outbox:
             try:
                 write_atomically(self.cursor_path, json.dumps(cursors).encode("utf-8"))
                 self._persisted = cursors
+                self.store.set_delivery_horizon(cursors["end"])  # durable now: may be forgotten
                 if not self._starts and self._starts_handle is not None:
                     self._starts_handle.truncate(0)
                     os.fsync(self._starts_handle.fileno())

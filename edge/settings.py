@@ -266,8 +266,8 @@ class StorageSettings(BaseModel):
         ge=0.0,
         description="Days (by onset time) that an event's record stays in the event log and in "
         "memory after its file is gone (deleted by retention), so a controller can still list "
-        "it. Events whose file is on disk or whose MQTT 'end' is not acknowledged are always "
-        "kept. Memory: about 3 kB per record.",
+        "it. Events whose file is on disk are always kept, and so, while MQTT is enabled, are "
+        "those whose MQTT 'end' is not acknowledged. Memory: about 3 kB per record.",
     )
     event_log_keep_events: int = Field(
         default=1000,

@@ -12,20 +12,26 @@ event was being written) so no recorded sound is dropped.
 
 Bounded history: a record whose file is gone (deleted by retention, missing, or never written)
 is dropped from memory and from the log once it is older than `event_log_keep_days` and not
-among the newest `event_log_keep_events`, and only if the MQTT broker acknowledged its `end`
-message (the outbox's durable cursor in `state/mqtt_outbox.json`). Compaction rewrites the log
-aside (`.events.jsonl.compact`), fsyncs it, renames it over the log and fsyncs the directory; a
-crash at any point leaves the old or the new log, both complete. Its first line, `{"kind":
-"compacted", ...}`, keeps what the dropped records contributed: the newest seq (so `seq` and
-`newest_seq` never go back) and the deletion totals reported in health. It runs at open and
-when enough records may go, never holding the lock while it serializes or writes.
+among the newest `event_log_keep_events`, and only if its delivery is durable: whoever delivers
+event messages (the MQTT outbox) hands over its durable cursor with `set_delivery_horizon`, and
+records above it are kept. A store keeps everything until told, so after a restart nothing
+undelivered goes before the outbox has read its cursor; `None` (MQTT off) means nothing gates.
+Compaction rewrites the log aside (`.events.jsonl.compact`), fsyncs it, renames it over the log
+and fsyncs the directory; a crash at any point leaves the old or the new log, both complete. Its
+first line, `{"kind": "compacted", ...}`, keeps what the dropped records contributed: the newest
+seq (so `seq` and `newest_seq` never go back) and the deletion totals reported in health.
+`LogCompactor`, a task of the agent, runs it now and then in a worker thread, never on the
+writer thread: the lock is held only to take a snapshot and to swap the files, so appending an
+event waits at most for that swap, not for the log to be serialized and written.
 
-All methods are blocking (file I/O); the agent calls them through `asyncio.to_thread` or from
-its writer thread. A lock makes them safe to call from several threads.
+All `EventStore` methods are blocking (file I/O); the agent calls them through
+`asyncio.to_thread` or from its writer thread. A lock makes them safe to call from several
+threads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import contextlib
 import dataclasses
@@ -43,6 +49,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from edge.aio import sleep_unless
 from edge.errors import StorageError
 from edge.fileio import PART_SUFFIX, fsync_dir, sha256_of, write_atomically
 from edge.messages.common import EVENT_ID_PATTERN, EventRecord
@@ -54,18 +61,12 @@ logger = logging.getLogger(__name__)
 _EVENT_ID_RE = re.compile(EVENT_ID_PATTERN)
 MB = 1024 * 1024
 
-# Compaction runs when at least this many records may go, and at least a quarter of the ones
-# kept (so rewriting the log costs a few lines per dropped record); checked every
-# COMPACT_CHECK_EVERY added events.
+# LogCompactor compacts when at least this many records may go, and at least a quarter of the
+# ones kept (so rewriting the log costs a few lines per dropped record); it looks every
+# COMPACT_INTERVAL_S (a look is a walk over the records in memory, no I/O unless it compacts).
 COMPACT_MIN_DROPPABLE = 64
-COMPACT_CHECK_EVERY = 64
+COMPACT_INTERVAL_S = 60.0
 COMPACT_SUFFIX = ".compact"
-
-# The MQTT outbox (edge/outbox.py) keeps its durable cursors here, under `data_dir/state`;
-# `end` is the highest seq whose `end` message the broker acknowledged. The outbox creates its
-# start file when it first opens: with that file but no cursor, nothing is acknowledged yet.
-MQTT_CURSOR_FILE = "mqtt_outbox.json"
-MQTT_STARTS_FILE = "mqtt_starts.jsonl"
 
 
 def event_file_name(device_id: str, onset: datetime, seq: int, extension: str) -> str:
@@ -156,7 +157,9 @@ class EventStore:
         # Running totals of files on disk, so retention need not walk every record.
         self._file_bytes = 0
         self._collected_files = 0
-        self._added_since_check = 0
+        # Highest seq whose delivery is durable; None: nothing delivers. 0 until told: nothing
+        # may go before the deliverer (which opens after the store) says what it delivered.
+        self._delivery_horizon: int | None = 0
         self._lock = threading.RLock()
         self._compact_lock = threading.Lock()  # one compaction at a time
         self._log_handle: Any = None
@@ -186,7 +189,6 @@ class EventStore:
                 self._recover_files()
         except OSError as exc:
             raise StorageError(f"data directory {self.data_dir} is not usable: {exc}") from exc
-        self.compact()
 
     def close(self) -> None:
         with self._lock:
@@ -361,11 +363,7 @@ class EventStore:
         return self.directory_for(record.onset_time) / record.file.name
 
     def add(self, record: EventRecord, written_part: Path | None) -> None:
-        """Log a finished event, then move its `.part` file to the final name.
-
-        Every COMPACT_CHECK_EVERY events, compacts the log if enough records may go (in the
-        calling thread, after the lock is released).
-        """
+        """Log a finished event, then move its `.part` file to the final name."""
         with self._lock:
             self._append_log({"kind": "event", "record": record.model_dump(mode="json")})
             self._index(record)
@@ -374,12 +372,6 @@ class EventStore:
                 final = self.path_of(record)
                 written_part.replace(final)
                 fsync_dir(final.parent)
-            self._added_since_check += 1
-            check = self._added_since_check >= COMPACT_CHECK_EVERY
-            if check:
-                self._added_since_check = 0
-        if check:
-            self.compact(min_droppable=COMPACT_MIN_DROPPABLE)
 
     def _append_log(self, entry: dict[str, Any]) -> None:
         line = json.dumps(entry, separators=(",", ":")).encode("utf-8") + b"\n"
@@ -524,6 +516,15 @@ class EventStore:
 
     # -- compaction -----------------------------------------------------------------------------
 
+    def set_delivery_horizon(self, seq: int | None) -> None:
+        """Records above `seq` are kept for the deliverer; None: nothing delivers events.
+
+        The deliverer passes only what is durable (its cursor as read or written on disk), so
+        a crash can never leave a record dropped whose delivery was not recorded.
+        """
+        with self._lock:
+            self._delivery_horizon = seq
+
     def compact(self, min_droppable: int = 1) -> int:
         """Drop old records whose file is gone, from memory and the log; the number dropped.
 
@@ -550,23 +551,12 @@ class EventStore:
         finally:
             self._compact_lock.release()
 
-    def _mqtt_acked_seq(self) -> int | None:
-        """The highest seq whose MQTT `end` is durably acknowledged; None if MQTT never ran."""
-        state_dir = self.seq_path.parent
-        try:
-            raw = json.loads((state_dir / MQTT_CURSOR_FILE).read_text(encoding="utf-8"))
-            return int(raw["end"])
-        except FileNotFoundError:
-            return 0 if (state_dir / MQTT_STARTS_FILE).exists() else None
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0  # the outbox resends everything then: keep everything for it
-
     def _plan_compaction(self, min_droppable: int) -> _CompactionPlan | None:
-        acked = self._mqtt_acked_seq()  # read before taking the lock
         horizon = utc_now() - timedelta(days=self.storage.event_log_keep_days)
         with self._lock:
             if self._log_handle is None:
                 return None
+            delivered = self._delivery_horizon
             protected_from = len(self._by_seq) - self.storage.event_log_keep_events
             keep: list[_Entry] = []
             drop: list[_Entry] = []
@@ -575,7 +565,7 @@ class EventStore:
                     index < protected_from
                     and not entry.has_file
                     and entry.record.onset_time < horizon
-                    and (acked is None or entry.record.seq <= acked)
+                    and (delivered is None or entry.record.seq <= delivered)
                 )
                 (drop if droppable else keep).append(entry)
             wanted = min_droppable if min_droppable <= 1 else max(min_droppable, len(keep) // 4)
@@ -655,6 +645,24 @@ class EventStore:
             len(plan.drop),
             len(plan.keep),
         )
+
+
+class LogCompactor:
+    """The agent's task that compacts the event log, off the event path.
+
+    Each pass runs through `asyncio.to_thread`, so the pipeline's writer thread only appends.
+    On stop, a pass in progress finishes before `run` returns (the agent closes the store after
+    its tasks).
+    """
+
+    def __init__(self, store: EventStore, interval_s: float = COMPACT_INTERVAL_S) -> None:
+        self._store = store
+        self._interval_s = interval_s
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.to_thread(self._store.compact, COMPACT_MIN_DROPPABLE)
+            await sleep_unless(stop, self._interval_s)
 
 
 def _size_of(entry: _Entry) -> int:

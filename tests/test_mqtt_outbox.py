@@ -26,9 +26,13 @@ WS = "ws://pi:8765"
 class World:
     """A store and its outbox; `crash()` reopens both from disk only."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(
+        self, data_dir: Path, storage: StorageSettings | None = None, t0: datetime = T0
+    ) -> None:
         self.data_dir = data_dir
-        self.store = EventStore(data_dir, "pi", StorageSettings())
+        self.storage = storage or StorageSettings()
+        self.t0 = t0
+        self.store = EventStore(data_dir, "pi", self.storage)
         self.store.open()
         self.outbox = self._open_outbox()
         self.ids: dict[int, str] = {}
@@ -44,13 +48,14 @@ class World:
         self.outbox.add_start(
             EventStartMessage(
                 event_id=self.ids[seq], seq=seq, device_id="pi",
-                onset_time=T0 + timedelta(seconds=seq), level_dbfs=-20.0, noise_floor_dbfs=None,
+                onset_time=self.t0 + timedelta(seconds=seq), level_dbfs=-20.0,
+                noise_floor_dbfs=None,
             )
         )  # fmt: skip
         return seq
 
     def finish(self, seq: int) -> None:
-        onset = T0 + timedelta(seconds=seq)
+        onset = self.t0 + timedelta(seconds=seq)
         self.store.add(
             EventRecord(
                 event_id=self.ids[seq], seq=seq, device_id="pi", onset_time=onset,
@@ -68,7 +73,7 @@ class World:
         # No flush, no close of the outbox: only what reached the disk counts.
         self.outbox.close()
         self.store.close()
-        self.store = EventStore(self.data_dir, "pi", StorageSettings())
+        self.store = EventStore(self.data_dir, "pi", self.storage)
         self.store.open()
         self.outbox = self._open_outbox()
 
@@ -140,6 +145,45 @@ def test_a_torn_last_line_of_the_start_file_is_skipped(world: World) -> None:
     later = world.start()
     world.crash()
     assert [i.seq for i in world.outbox.next_items(10)] == [seq, later]
+
+
+def deliver(outbox: Outbox, items: list[OutboxItem]) -> None:
+    for item in items:
+        outbox.mark_sent(item)
+        outbox.ack(item)
+    outbox.flush()
+
+
+def test_mqtt_enabled_again_after_a_compaction_without_it_sends_nothing_forgotten(
+    tmp_path: Path,
+) -> None:
+    storage = StorageSettings(event_log_keep_days=0, event_log_keep_events=1)
+    world = World(tmp_path, storage, t0=datetime(2020, 1, 1, tzinfo=UTC))
+    try:
+        for seq in [world.start() for _ in range(3)]:
+            world.finish(seq)
+        deliver(world.outbox, world.outbox.next_items(2))  # event 1 only, then the broker left
+        # MQTT is turned off: no outbox, nothing gates compaction (as the agent sets it up).
+        world.outbox.close()
+        world.store.set_delivery_horizon(None)
+        for _ in range(2):
+            seq = world.store.reserve_seq()
+            world.ids[seq] = uuid.uuid4().hex
+            world.finish(seq)
+        assert world.store.compact() == 4  # all but the newest (5), past the stale cursor
+        # MQTT on again: the unacknowledged `start`s of 2 and 3 and the `end`s of 2 to 4 are
+        # gone with their records; event 5 still gets its `end`.
+        world.crash()
+        items = world.outbox.next_items(10)
+        assert [(i.stream, i.seq) for i in items] == [("end", 5)]
+        assert world.outbox.depth == 1
+        deliver(world.outbox, items)
+        assert world.outbox.depth == 0
+        world.crash()
+        assert world.outbox.next_items(10) == []
+        assert world.outbox.acked_cursor("end") == 5
+    finally:
+        world.close()
 
 
 operations = st.lists(
