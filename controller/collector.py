@@ -4,7 +4,7 @@ Every finished event with a file becomes one job: claim it, download it over the
 websocket (verified size and sha256, resumable), write the sidecar, mark it archived, ack it.
 A job holds its device's semaphore (`max_downloads_per_device`) and then the global one
 (`max_downloads`); a failed attempt is retried with capped, jittered backoff up to
-`max_attempts`, after which the event waits for the next catch-up of its device.
+`max_attempts`, after which the event is set aside as failed and its device is caught up again.
 
 Dedup is by `event_id`: at most one job per event in this process, the database remembers what
 is archived, and archive claims keep other controllers sharing the archive away from it.
@@ -13,6 +13,14 @@ Catch-up lists the device's events since its cursor (`done_seq`: every event up 
 nothing more) and collects those still missing. It runs when a device comes online (also at
 start, from the retained status), when a `seq` gap shows an `end` message was missed, and
 periodically as a safety net.
+
+A catch-up that fails (the websocket is down or unreachable while MQTT still works) or leaves a
+download given up is retried with capped, jittered backoff (`retry_min_s` to `retry_max_s`)
+until one succeeds, so files arrive soon after the channel is back rather than at the next
+periodic catch-up. Fresh evidence that the device is back cuts the wait short: a download from
+it that worked, or its status going online (which also forgets the connect backoff its link
+built up while it was down). A device whose status says it is offline is not retried; its
+coming back online starts a catch-up.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from controller.wsclient import AgentClient
 from edge.aio import sleep_unless
 from edge.messages.common import EventRecord
 from edge.messages.ws import ErrorCode
-from edge.mqtt import backoff_delay
+from edge.mqtt_client import backoff_delay
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +76,7 @@ class CollectorStats:
     given_up: int = 0
     gone: int = 0
     catch_ups: int = 0
+    catch_up_retries: int = 0  # catch-ups scheduled after a failure (backoff)
     gaps: int = 0
 
 
@@ -96,8 +105,16 @@ class Collector:
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._catch_ups: dict[str, asyncio.Task[None]] = {}
         self._catch_up_again: set[str] = set()
+        # Devices with a download given up during their catch-up in progress: it failed.
+        self._catch_up_incomplete: set[str] = set()
+        # A failed catch-up waits here for its retry; failures in a row set the backoff.
+        self._catch_up_retries: dict[str, asyncio.TimerHandle] = {}
+        self._catch_up_failures: dict[str, int] = {}
+        # Set (and dropped) when a device is back: jobs waiting to retry it go at once.
+        self._device_back: dict[str, asyncio.Event] = {}
         self._last_seq: dict[str, int] = {}
         self._online: set[str] = set()
+        self._offline: set[str] = set()  # their last status said so (unknown is neither)
         self._rng = random.Random()
         self._running = False
         self._stopping = False
@@ -134,6 +151,9 @@ class Collector:
         """Let downloads in progress finish (for a while); drop what waits (it is resumed at
         the next start: the database has it as pending)."""
         self._stopping = True
+        for timer in self._catch_up_retries.values():
+            timer.cancel()
+        self._catch_up_retries.clear()
         waiting = [t for t in self._jobs.values() if t not in self._downloading]
         for task in [*waiting, *self._catch_ups.values()]:
             task.cancel()
@@ -143,7 +163,9 @@ class Collector:
             for task in late:
                 task.cancel()
         await asyncio.gather(
-            *self._jobs.values(), *self._catch_ups.values(), return_exceptions=True
+            *self._jobs.values(),
+            *self._catch_ups.values(),
+            return_exceptions=True,
         )
         await self.close_links()
 
@@ -162,7 +184,8 @@ class Collector:
         return len(self._jobs)
 
     async def wait_idle(self) -> None:
-        """Until no job and no catch-up is left (for tests and `fetch`)."""
+        """Until no job and no catch-up is left (for tests and `fetch`); a catch-up waiting
+        to be retried is not work in progress."""
         while self._jobs or self._catch_ups:
             await asyncio.gather(
                 *self._jobs.values(), *self._catch_ups.values(), return_exceptions=True
@@ -178,10 +201,24 @@ class Collector:
 
     def device_online(self, device_id: str, online: bool) -> None:
         if online:
+            came_back = device_id not in self._online
             self._online.add(device_id)
+            self._offline.discard(device_id)
+            if came_back:
+                # The agent just connected to the broker (started, or its network is back):
+                # the best sign its websocket is up again. Backoffs built while it was down
+                # would only delay the files now.
+                if (link := self._links.get(device_id)) is not None:
+                    link.forget_backoff()
+                self._wake_jobs(device_id)
             self.request_catch_up(device_id)
         else:
             self._online.discard(device_id)
+            self._offline.add(device_id)
+            # Retrying a device that is away only fills the log; coming back online starts a
+            # catch-up anyway.
+            self._cancel_catch_up_retry(device_id)
+            self._catch_up_failures.pop(device_id, None)
 
     def event_finished(self, record: EventRecord, state: str) -> None:
         """An `end` message was recorded in the database with `state`."""
@@ -208,28 +245,88 @@ class Collector:
             self._schedule(record)
 
     def request_catch_up(self, device_id: str) -> None:
+        """Catch `device_id` up now (once more after the one in progress, if any); a retry
+        waiting out its backoff runs now instead."""
         if not self._running:
             return
         if device_id in self._catch_ups:
             self._catch_up_again.add(device_id)
             return
+        self._cancel_catch_up_retry(device_id)
         task = asyncio.create_task(self._catch_up_loop(device_id), name=f"catch-up {device_id}")
         self._catch_ups[device_id] = task
 
     # -- catch-up -------------------------------------------------------------------------------
 
     async def _catch_up_loop(self, device_id: str) -> None:
+        complete = False
         try:
             while True:
                 self._catch_up_again.discard(device_id)
-                try:
-                    await self.catch_up(device_id)
-                except ControllerError as exc:
-                    logger.warning("%s: catch-up failed: %s", device_id, exc)
+                self._catch_up_incomplete.discard(device_id)
+                complete = await self._catch_up_attempt(device_id)
                 if device_id not in self._catch_up_again:
                     return
         finally:
             self._catch_ups.pop(device_id, None)
+            if complete:
+                self._catch_up_failures.pop(device_id, None)
+            else:
+                self._retry_catch_up_later(device_id)
+
+    async def _catch_up_attempt(self, device_id: str) -> bool:
+        """One catch-up; True if it reached the agent and left no download given up."""
+        try:
+            await self.catch_up(device_id)
+        except ControllerError as exc:
+            logger.warning("%s: catch-up failed: %s", device_id, exc)
+            return False
+        return device_id not in self._catch_up_incomplete
+
+    def _retry_catch_up_later(self, device_id: str) -> None:
+        """Schedule the next catch-up of a device that failed one, after a capped, jittered
+        backoff that grows with the failures in a row: a device that stays down is tried a
+        bounded number of times per minute (once capped, tries are `retry_max_s`/2 apart at
+        least)."""
+        if (
+            not self._running
+            or self._stopping
+            or device_id in self._offline
+            or device_id in self._catch_up_retries
+        ):
+            return
+        failures = self._catch_up_failures.get(device_id, 0) + 1
+        self._catch_up_failures[device_id] = failures
+        delay = backoff_delay(
+            failures - 1, self._config.retry_min_s, self._config.retry_max_s, self._rng
+        )
+        logger.info("%s: catching up again in %.1f s (sooner if it is back)", device_id, delay)
+        self.stats.catch_up_retries += 1
+        loop = asyncio.get_running_loop()
+        self._catch_up_retries[device_id] = loop.call_later(delay, self._catch_up_due, device_id)
+
+    def _catch_up_due(self, device_id: str) -> None:
+        self._catch_up_retries.pop(device_id, None)
+        self.request_catch_up(device_id)
+
+    def _cancel_catch_up_retry(self, device_id: str) -> None:
+        timer = self._catch_up_retries.pop(device_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _download_gave_up(self, device_id: str) -> None:
+        """A job set its event aside as failed: the device owes a catch-up."""
+        if device_id in self._catch_ups:
+            self._catch_up_incomplete.add(device_id)  # the retry follows that catch-up
+        else:
+            self._retry_catch_up_later(device_id)  # not at once: the device just failed
+
+    def _download_worked(self, device_id: str) -> None:
+        """A file came over the device's websocket: if a catch-up waits to be retried, the
+        channel is back and it runs now."""
+        if device_id in self._catch_up_retries:
+            logger.info("%s: reachable again: catching up now", device_id)
+            self.request_catch_up(device_id)
 
     async def catch_up(self, device_id: str) -> int:
         """Collect every event of `device_id` after its cursor; return how many were missing."""
@@ -240,6 +337,28 @@ class Collector:
         since = await asyncio.to_thread(self._db.done_seq, device_id)
         link = self._link(device_id)
         client = await link.client()
+        listed = await self._list_since(link, client, since)
+        missing = await self._missing_of(device_id, listed, since)
+        await self._ack_leftovers(device_id, client)
+        if not missing:
+            logger.debug("%s: caught up (nothing missing after seq %d)", device_id, since)
+            return 0
+        logger.info(
+            "%s: catch-up: %d event(s) to collect after seq %d", device_id, len(missing), since
+        )
+        jobs = [self._schedule(record) for record in missing]
+        done = 0
+        self._progress.catch_up(device_id, done, len(jobs))
+        for finished in asyncio.as_completed([asyncio.shield(j) for j in jobs if j is not None]):
+            with contextlib.suppress(Exception):
+                await finished
+            done += 1
+            self._progress.catch_up(device_id, done, len(jobs))
+        self._progress.catch_up(device_id, len(jobs), len(jobs))
+        return len(missing)
+
+    @staticmethod
+    async def _list_since(link: DeviceLink, client: AgentClient, since: int) -> list[EventRecord]:
         listed: list[EventRecord] = []
         try:
             async for record in client.list_events(since_seq=since, page_size=LIST_PAGE_SIZE):
@@ -247,6 +366,13 @@ class Collector:
         except AgentConnectionError:
             await link.reset()
             raise
+        return listed
+
+    async def _missing_of(
+        self, device_id: str, listed: list[EventRecord], since: int
+    ) -> list[EventRecord]:
+        """Record the listing in the database (the cursor moves over seqs the agent does not
+        have); return the events still to collect."""
         missing: list[EventRecord] = []
         for record in listed:
             if record.device_id != device_id:
@@ -265,23 +391,7 @@ class Collector:
             seqs = {r.seq for r in listed}
             absent = frozenset(range(since + 1, listed[-1].seq)) - seqs
             await asyncio.to_thread(self._db.advance_cursor, device_id, absent)
-        await self._ack_leftovers(device_id, client)
-        if not missing:
-            logger.debug("%s: caught up (nothing missing after seq %d)", device_id, since)
-            return 0
-        logger.info(
-            "%s: catch-up: %d event(s) to collect after seq %d", device_id, len(missing), since
-        )
-        jobs = [self._schedule(record) for record in missing]
-        done = 0
-        self._progress.catch_up(device_id, done, len(jobs))
-        for finished in asyncio.as_completed([asyncio.shield(j) for j in jobs if j is not None]):
-            with contextlib.suppress(Exception):
-                await finished
-            done += 1
-            self._progress.catch_up(device_id, done, len(jobs))
-        self._progress.catch_up(device_id, len(jobs), len(jobs))
-        return len(missing)
+        return missing
 
     async def _ack_leftovers(self, device_id: str, client: AgentClient) -> None:
         """Ack what was archived but not acked (the agent or the connection was away)."""
@@ -301,6 +411,17 @@ class Collector:
         if link is None:
             link = self._links[device_id] = DeviceLink(device_id, self._settings, self._url_of)
         return link
+
+    def _wake_jobs(self, device_id: str) -> None:
+        """Jobs of the device waiting out a retry backoff try again now."""
+        back = self._device_back.pop(device_id, None)
+        if back is not None:
+            back.set()
+
+    async def _wait_to_retry(self, device_id: str, delay_s: float) -> None:
+        """Sleep `delay_s`, or less if the device is back meanwhile (`_wake_jobs`)."""
+        back = self._device_back.setdefault(device_id, asyncio.Event())
+        await sleep_unless(back, delay_s)
 
     def _schedule(self, record: EventRecord) -> asyncio.Task[None] | None:
         """Start the job of `record` unless one is already running (dedup by event_id)."""
@@ -368,6 +489,7 @@ class Collector:
                         exc,
                     )
                     self._progress.download_finished(False)
+                    self._download_gave_up(record.device_id)
                     return
                 if self._stopping:
                     return  # pending in the database: resumed at the next start
@@ -382,7 +504,7 @@ class Collector:
                     attempts,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                await self._wait_to_retry(record.device_id, delay)
             else:
                 self._progress.download_finished(True, record.file.size_bytes if record.file else 0)
                 return
@@ -409,8 +531,8 @@ class Collector:
             raise _RetryError(f"{event} is being collected by {holder}")
         link = self._link(record.device_id)
         try:
-            # Checked again under the claim: another controller may have finished it (sidecar
-            # written, then claim released) between the first check and our claim.
+            # Checked again under the claim: another controller may have finished it
+            # (sidecar written, then claim released) between the first check and our claim.
             found = await asyncio.to_thread(archive.is_archived, record)
             if found is not None:
                 await asyncio.to_thread(self._db.mark_archived, record.event_id, found, acked=False)
@@ -423,6 +545,11 @@ class Collector:
         self.stats.archived += 1
         self.stats.archived_bytes += record.file.size_bytes
         logger.info("%s: archived %s", record.device_id, path)
+        self._download_worked(record.device_id)
+        await self._ack(link, record, event)
+
+    async def _ack(self, link: DeviceLink, record: EventRecord, event: str) -> None:
+        """Tell the agent it may delete its copy; a failure is repaired at the next catch-up."""
         try:
             client = await link.client()
             await client.ack(record.event_id)

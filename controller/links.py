@@ -15,7 +15,8 @@ from collections.abc import Callable
 from controller.errors import AgentConnectionError, AuthenticationError, ControllerError
 from controller.settings import ControllerSettings
 from controller.wsclient import AgentClient
-from edge.mqtt import backoff_delay
+from edge.aio import sleep_unless
+from edge.mqtt_client import backoff_delay
 
 UrlResolver = Callable[[str], str | None]
 
@@ -35,6 +36,7 @@ class DeviceLink:
         self._lock = asyncio.Lock()
         self._failures = 0
         self._retry_at = 0.0
+        self._back = asyncio.Event()  # set by forget_backoff: a connect waiting goes now
         self._rng = random.Random()
         self.url: str | None = None
 
@@ -52,7 +54,8 @@ class DeviceLink:
             loop = asyncio.get_running_loop()
             wait_s = self._retry_at - loop.time()
             if wait_s > 0:
-                await asyncio.sleep(wait_s)
+                self._back.clear()
+                await sleep_unless(self._back, wait_s)
             token = self._settings.token_for(self.device_id)
             if token is None:
                 raise AuthenticationError(
@@ -90,6 +93,13 @@ class DeviceLink:
             self._client = client
             self.url = url
             return client
+
+    def forget_backoff(self) -> None:
+        """The device is back (its status went online): the next connect, or one waiting out
+        the backoff built up while it was down, goes at once."""
+        self._failures = 0
+        self._retry_at = 0.0
+        self._back.set()
 
     async def reset(self) -> None:
         async with self._lock:

@@ -13,7 +13,6 @@ and disconnects cleanly (so the broker does not publish the `offline` last will)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -23,7 +22,7 @@ import random
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -41,7 +40,15 @@ from edge.messages.mqtt import (
     SetError,
     SetReply,
 )
-from edge.mqtt_client import Connection, Incoming, MqttAuthError, MqttError, MqttPublishRefusedError
+from edge.mqtt_client import (
+    Connection,
+    Incoming,
+    MqttAuthError,
+    MqttError,
+    MqttPublishRefusedError,
+    backoff_delay,
+    run_until,
+)
 from edge.outbox import Outbox, OutboxItem
 from edge.runtime import CHANGEABLE, RuntimeChangeError, RuntimeConfig
 from edge.settings import AgentSettings
@@ -59,8 +66,6 @@ from edge.topics import (
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 EVENT_WINDOW = 64  # event messages in flight (sent, not yet acknowledged) at most
 CONNECT_TIMEOUT_S = 15.0
 STOP_DRAIN_S = 3.0  # on stop, how long to keep sending queued events before `stopped`
@@ -69,13 +74,6 @@ STABLE_SESSION_S = 30.0  # a session that lasted this long resets the reconnect 
 RESYNC_S = 5.0  # look at the event log even without a wake-up (e.g. after a bus overflow)
 MAX_COMMAND_BYTES = 64 * 1024
 COMMAND_ECHO_CHARS = 200
-
-
-def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
-    """Exponential backoff capped at `max_s`, with "equal jitter" so a fleet does not reconnect
-    in lockstep after a broker restart: a delay in [cap/2, cap]."""
-    cap = min(max_s, min_s * 2.0 ** min(attempt, 30))
-    return cap / 2.0 + rng.uniform(0.0, cap / 2.0)
 
 
 def _level(value: float) -> float | None:
@@ -184,7 +182,7 @@ class MqttPublisher:
                 await stop.wait()
                 return
             try:
-                await _until_stop(conn.open(CONNECT_TIMEOUT_S), stop)
+                await run_until(conn.open(CONNECT_TIMEOUT_S), stop)
             except MqttAuthError as exc:
                 logger.error(
                     "MQTT: %s; not retrying: check SOUNDEDGE_MQTT__USERNAME and "
@@ -544,7 +542,7 @@ class MqttPublisher:
         correlation_data: bytes | None = None,
     ) -> None:
         """Fire and forget (state, not events): a failure is logged, never raised."""
-        future = conn.publish(topic, payload, qos, retain, correlation_data)
+        future = conn.publish(topic, payload, qos, correlation_data=correlation_data, retain=retain)
         future.add_done_callback(functools.partial(_log_failure, topic))
 
 
@@ -571,19 +569,3 @@ async def _first_of(*awaitables: Awaitable[Any]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _until_stop(awaitable: Awaitable[T], stop: asyncio.Event) -> T | None:
-    """The result of `awaitable`, or None if `stop` is set first (then it is cancelled)."""
-    task = asyncio.ensure_future(awaitable)
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, MqttError):
-        await task
-    return None

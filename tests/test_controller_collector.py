@@ -1,5 +1,6 @@
 """The collector against a real agent websocket server (real store, real files, loopback):
-dedup, gaps and catch-up, and bad cases (checksum, unreachable agent, full archive disk)."""
+dedup, gaps and catch-up, bad cases (checksum, unreachable agent, full archive disk), and the
+catch-up retried when the websocket comes back."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from tests.fixtures.ws_helpers import (
     add_event,
     running,
     url_of,
+    wait_until,
     ws_settings,
 )
 
@@ -308,3 +310,112 @@ async def test_an_agent_answering_as_another_device_is_not_trusted(
         assert r.state(impostor) == "failed"
     assert "answers as device 'pi1', not 'pi2'" in caplog.text
     assert archived_files(tmp_path / "archive") == []
+
+
+# -- the websocket comes back -------------------------------------------------------------------
+
+
+class BrokenWsServer:
+    """A TCP server on loopback that accepts each websocket connection and closes it at once
+    (an agent whose websocket server is broken), noting when each connection arrived."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[float] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> BrokenWsServer:
+        self._server = await asyncio.start_server(self._accepted, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        async with asyncio.timeout(TIMEOUT_S):
+            await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"ws://127.0.0.1:{port}"
+
+    async def _accepted(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.arrivals.append(asyncio.get_running_loop().time())
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def backoff_floor_s(failures: int, min_s: float, max_s: float) -> float:
+    """The shortest wait after `failures` failures in a row: backoff_delay's jitter never goes
+    below half of the capped exponential step."""
+    return min(max_s, min_s * 2.0 ** (failures - 1)) / 2.0
+
+
+async def test_a_file_given_up_while_the_websocket_was_down_comes_when_it_is_back(
+    tmp_path: Path, agent: Agent
+) -> None:
+    record = add_event(agent.store)
+    port = free_port()  # nothing listens yet: connections are refused
+    # The periodic catch-up is far away: only the retry of the failed catch-up can be in time.
+    settings = settings_for(
+        tmp_path, catchup_interval_s=600, retry_min_s=0.05, retry_max_s=0.5, max_attempts=2
+    )
+    async with rig(settings, f"ws://127.0.0.1:{port}") as r:
+        r.finished(record)
+        await wait_until(lambda: r.state(record) == "failed")
+        # The catch-ups after it fail too while nothing listens, and go on failing.
+        await wait_until(lambda: r.collector.stats.catch_ups >= 2)
+        async with running(agent.server(ws_settings(port=port))):
+            await wait_until(lambda: r.state(record) == "archived")
+        assert r.collector.stats.given_up >= 1
+        assert r.collector.stats.catch_up_retries >= 1
+    assert agent.store.is_collected(record.event_id)
+
+
+async def test_a_device_that_stays_down_is_retried_only_as_often_as_the_backoff_allows(
+    tmp_path: Path, agent: Agent
+) -> None:
+    record = add_event(agent.store)
+    min_s, max_s = 0.2, 1.0
+    settings = settings_for(
+        tmp_path, catchup_interval_s=600, retry_min_s=min_s, retry_max_s=max_s, max_attempts=1
+    )
+    async with BrokenWsServer() as broken, rig(settings, broken.url) as r:
+        r.finished(record)
+        # The download gives up at its first attempt; the catch-ups after it keep trying.
+        await wait_until(lambda: len(broken.arrivals) >= 7)
+        # Every connection waits out the backoff of the failures before it (the catch-up's
+        # own and its link's): a slow machine only makes the gaps longer. The millisecond
+        # allows for the event loop running timers up to its clock resolution early.
+        first = broken.arrivals[0]
+        floor = 0.0
+        for failures, arrival in enumerate(broken.arrivals[1:], start=1):
+            floor += backoff_floor_s(failures, min_s, max_s)
+            assert arrival - first >= floor - 1e-3, (failures, broken.arrivals)
+        assert r.state(record) == "failed"
+
+        # Reported offline: no more tries (at most the one already under way).
+        r.collector.device_online(DEVICE_ID, online=False)
+        seen = len(broken.arrivals)
+        await asyncio.sleep(3 * max_s)  # several capped backoffs: retries would show here
+        assert len(broken.arrivals) <= seen + 1, broken.arrivals
+
+
+async def test_a_device_coming_online_is_caught_up_at_once_despite_a_long_backoff(
+    tmp_path: Path, agent: Agent
+) -> None:
+    record = add_event(agent.store)
+    port = free_port()
+    # After one refused connection every backoff (catch-up, link, download) is minutes long.
+    settings = settings_for(
+        tmp_path, catchup_interval_s=600, retry_min_s=300, retry_max_s=600, max_attempts=1
+    )
+    async with rig(settings, f"ws://127.0.0.1:{port}") as r:
+        r.finished(record)
+        await wait_until(lambda: r.state(record) == "failed")
+        async with running(agent.server(ws_settings(port=port))):
+            # As the fleet does for the retained `online` the restarted agent publishes.
+            r.collector.device_online(DEVICE_ID, online=True)
+            await wait_until(lambda: r.state(record) == "archived")
+    assert agent.store.is_collected(record.event_id)

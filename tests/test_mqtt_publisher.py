@@ -16,6 +16,9 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from controller.mqtt import Connection as ControllerConnection
+from controller.mqtt import MqttError as ControllerMqttError
+from controller.settings import ControllerMqttSettings
 from edge.bus import EventBus, EventFinished, EventStarted
 from edge.messages.common import EventFile, EventRecord
 from edge.messages.mqtt import (
@@ -29,6 +32,7 @@ from edge.messages.mqtt import (
     parse_event_message,
 )
 from edge.mqtt import MqttPublisher
+from edge.mqtt_client import Connection, Incoming, MqttError, MqttPublishRefusedError
 from edge.runtime import RuntimeConfig
 from edge.settings import AgentSettings, MqttSettings
 from edge.state import AgentState
@@ -39,6 +43,7 @@ from tests.fixtures.broker import Broker, MqttRecorder, Received
 pytestmark = pytest.mark.system
 
 WS_URL = "ws://dev-a.test:8765"
+TOPICS = DeviceTopics("soundedge", "dev-a")
 T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 
 
@@ -149,30 +154,43 @@ def events(messages: list[Received], topic: str, kind: str) -> list[dict[str, An
     return [m for m in found if m["type"] == kind]
 
 
+async def started_with_controller(
+    agent: AgentUnderTest, recorder_factory: Callable[..., MqttRecorder], watched: str
+) -> MqttRecorder:
+    """Start `agent` under the eyes of a controller that subscribed to `watched` and to its own
+    `set` replies; return the controller once `watched` has arrived."""
+    controller = recorder_factory()
+    controller.connect()
+    controller.subscribe(watched)
+    controller.subscribe(TOPICS.reply("ctl"))
+    agent.start()
+    await wait_for(controller, on(watched))
+    return controller
+
+
 async def test_announces_state_and_events_with_valid_payloads(
     agent_a: AgentUnderTest, recorder_factory: Callable[..., MqttRecorder]
 ) -> None:
-    topics = DeviceTopics("soundedge", "dev-a")
     watcher = recorder_factory()
     watcher.connect()
     watcher.subscribe("soundedge/dev-a/#")
     agent_a.start()
-    await wait_for(watcher, lambda ms: all(on(t)(ms) for t in (topics.status, topics.info,
-                                                               topics.health, topics.level,
-                                                               topics.config)))  # fmt: skip
-    status = watcher.on(topics.status)[0]
+    await wait_for(watcher, lambda ms: all(on(t)(ms) for t in (TOPICS.status, TOPICS.info,
+                                                               TOPICS.health, TOPICS.level,
+                                                               TOPICS.config)))  # fmt: skip
+    status = watcher.on(TOPICS.status)[0]
     assert status.payload == b"online"
-    InfoMessage.model_validate_json(watcher.on(topics.info)[0].payload)
-    health = HealthMessage.model_validate_json(watcher.on(topics.health)[0].payload)
+    InfoMessage.model_validate_json(watcher.on(TOPICS.info)[0].payload)
+    health = HealthMessage.model_validate_json(watcher.on(TOPICS.health)[0].payload)
     assert health.level_dbfs == -42.0
     assert health.outbox_depth == 0
-    LevelMessage.model_validate_json(watcher.on(topics.level)[0].payload)
-    config = ConfigMessage.model_validate_json(watcher.on(topics.config)[0].payload)
+    LevelMessage.model_validate_json(watcher.on(TOPICS.level)[0].payload)
+    config = ConfigMessage.model_validate_json(watcher.on(TOPICS.config)[0].payload)
     assert config.settings["enabled"] is True
 
     records = [agent_a.emit() for _ in range(3)]
-    messages = await wait_for(watcher, lambda ms: len(events(ms, topics.event, "end")) == 3)
-    event_messages = [m for m in messages if m.topic == topics.event]
+    messages = await wait_for(watcher, lambda ms: len(events(ms, TOPICS.event, "end")) == 3)
+    event_messages = [m for m in messages if m.topic == TOPICS.event]
     assert not any(m.retain for m in event_messages)
     parsed = [parse_event_message(m.payload) for m in event_messages]
     starts = [p for p in parsed if isinstance(p, EventStartMessage)]
@@ -192,14 +210,14 @@ async def test_announces_state_and_events_with_valid_payloads(
     # A retained `online` is what a late subscriber sees first.
     late = recorder_factory()
     late.connect()
-    late.subscribe(topics.status)
-    retained = await wait_for(late, on(topics.status))
+    late.subscribe(TOPICS.status)
+    retained = await wait_for(late, on(TOPICS.status))
     assert retained[0].retain
     assert retained[0].payload == b"online"
 
     await agent_a.stop_clean()
     final = await wait_for(late, lambda ms: ms[-1].payload == b"stopped")
-    assert final[-1].topic == topics.status
+    assert final[-1].topic == TOPICS.status
 
 
 async def test_home_assistant_discovery_is_republished_when_ha_comes_online(
@@ -225,29 +243,16 @@ async def test_home_assistant_discovery_is_republished_when_ha_comes_online(
 async def test_set_applies_valid_commands_and_persists_them(
     agent_a: AgentUnderTest, recorder_factory: Callable[..., MqttRecorder]
 ) -> None:
-    topics = DeviceTopics("soundedge", "dev-a")
-    controller = recorder_factory()
-    controller.connect()
-    controller.subscribe(topics.config)
-    controller.subscribe(topics.reply("ctl"))
-    agent_a.start()
-    await wait_for(controller, on(topics.config))
+    controller = await started_with_controller(agent_a, recorder_factory, TOPICS.config)
 
-    reply = await send_set(controller, topics, {"detector": {"threshold_db": 12}}, "one")
+    reply = await send_set(controller, TOPICS, {"detector": {"threshold_db": 12}}, "one")
     assert reply.ok, reply.error
     assert reply.settings["detector"]["threshold_db"] == 12
     assert agent_a.runtime.settings.detector.threshold_db == 12
 
     # Without a response topic (e.g. MQTT 3.1.1), the new config is the answer.
-    controller.client.publish(topics.set, json.dumps({"enabled": False}), qos=1)
-    messages = await wait_for(
-        controller,
-        lambda ms: any(
-            m.topic == topics.config and m.json()["settings"]["enabled"] is False for m in ms
-        ),
-    )
-    config = ConfigMessage.model_validate_json(
-        [m for m in messages if m.topic == topics.config][-1].payload
+    config = await set_answered_on_config(
+        controller, b'{"enabled": false}', lambda c: c["settings"]["enabled"] is False
     )
     assert config.error is None
     assert config.overrides == {"detector": {"threshold_db": 12}, "enabled": False}
@@ -286,6 +291,20 @@ async def send_set(
     return SetReply.model_validate_json(reply.payload)
 
 
+async def set_answered_on_config(
+    controller: MqttRecorder, payload: bytes, answered: Callable[[dict[str, Any]], bool]
+) -> ConfigMessage:
+    """Send `set` without a response topic (as over MQTT 3.1.1); the answer is the newest
+    `config` for which `answered` holds."""
+    controller.client.publish(TOPICS.set, payload, qos=1)
+
+    def answers(messages: list[Received]) -> list[Received]:
+        return [m for m in messages if m.topic == TOPICS.config and answered(m.json())]
+
+    messages = await wait_for(controller, lambda ms: bool(answers(ms)))
+    return ConfigMessage.model_validate_json(answers(messages)[-1].payload)
+
+
 INVALID_COMMANDS: list[tuple[str, bytes]] = [
     ("not-json", b"threshold=12"),
     ("not-utf8", b"\xff\xfe{"),
@@ -307,18 +326,12 @@ INVALID_COMMANDS: list[tuple[str, bytes]] = [
 async def test_invalid_set_payloads_change_nothing_and_get_an_error(
     agent_a: AgentUnderTest, recorder_factory: Callable[..., MqttRecorder]
 ) -> None:
-    topics = DeviceTopics("soundedge", "dev-a")
-    controller = recorder_factory()
-    controller.connect()
-    controller.subscribe(topics.config)
-    controller.subscribe(topics.reply("ctl"))
-    agent_a.start()
-    await wait_for(controller, on(topics.config))
+    controller = await started_with_controller(agent_a, recorder_factory, TOPICS.config)
     before = agent_a.runtime.settings
     state_file = agent_a.settings.data_dir / "state" / "runtime.json"
 
     for name, payload in INVALID_COMMANDS:
-        reply = await send_set(controller, topics, payload, name)
+        reply = await send_set(controller, TOPICS, payload, name)
         assert not reply.ok, name
         assert reply.error, name
         assert agent_a.runtime.settings == before, name
@@ -326,12 +339,8 @@ async def test_invalid_set_payloads_change_nothing_and_get_an_error(
         assert not state_file.exists(), name
 
     # Without a response topic the error lands on the retained config, naming the key.
-    controller.client.publish(topics.set, b'{"detector": {"threshold_db": 500}}', qos=1)
-    messages = await wait_for(
-        controller, lambda ms: any(m.topic == topics.config and m.json()["error"] for m in ms)
-    )
-    config = ConfigMessage.model_validate_json(
-        [m for m in messages if m.topic == topics.config][-1].payload
+    config = await set_answered_on_config(
+        controller, b'{"detector": {"threshold_db": 500}}', lambda c: bool(c["error"])
     )
     assert config.error is not None
     assert "threshold_db" in config.error.message
@@ -341,26 +350,19 @@ async def test_invalid_set_payloads_change_nothing_and_get_an_error(
 async def test_level_can_be_switched_off_at_run_time(
     agent_a: AgentUnderTest, recorder_factory: Callable[..., MqttRecorder]
 ) -> None:
-    topics = DeviceTopics("soundedge", "dev-a")
-    controller = recorder_factory()
-    controller.connect()
-    controller.subscribe(topics.level)
-    controller.subscribe(topics.reply("ctl"))
-    agent_a.start()
-    await wait_for(controller, on(topics.level))
-    reply = await send_set(controller, topics, {"mqtt": {"level_interval_s": 0}}, "off")
+    controller = await started_with_controller(agent_a, recorder_factory, TOPICS.level)
+    reply = await send_set(controller, TOPICS, {"mqtt": {"level_interval_s": 0}}, "off")
     assert reply.ok, reply.error
     # Whatever was in flight has arrived once a health round trip later; then silence.
     await asyncio.sleep(1.5)
-    count = len(controller.on(topics.level))
+    count = len(controller.on(TOPICS.level))
     await asyncio.sleep(2.5)
-    assert len(controller.on(topics.level)) == count
+    assert len(controller.on(TOPICS.level)) == count
 
 
 async def test_mqtt_3_1_1_reports_events_and_set_errors_on_config(
     tmp_path: Path, broker: Broker, recorder_factory: Callable[..., MqttRecorder]
 ) -> None:
-    topics = DeviceTopics("soundedge", "dev-a")
     agent = AgentUnderTest.build(agent_settings(tmp_path / "a", broker, protocol="3.1.1"))
     controller = recorder_factory(protocol="3.1.1")
     controller.connect()
@@ -369,16 +371,14 @@ async def test_mqtt_3_1_1_reports_events_and_set_errors_on_config(
     try:
         await wait_for(controller, lambda ms: any(m.payload == b"online" for m in ms))
         record = agent.emit()
-        messages = await wait_for(controller, lambda ms: len(events(ms, topics.event, "end")) == 1)
-        assert events(messages, topics.event, "end")[0]["event_id"] == record.event_id
-        controller.client.publish(topics.set, b'{"enabled": "no"}', qos=1)
-        messages = await wait_for(
-            controller,
-            lambda ms: any(m.topic == topics.config and m.json()["error"] for m in ms),
+        messages = await wait_for(controller, lambda ms: len(events(ms, TOPICS.event, "end")) == 1)
+        assert events(messages, TOPICS.event, "end")[0]["event_id"] == record.event_id
+        config = await set_answered_on_config(
+            controller, b'{"enabled": "no"}', lambda c: bool(c["error"])
         )
-        config = [m.json() for m in messages if m.topic == topics.config][-1]
-        assert "enabled" in config["error"]["message"]
-        assert config["settings"]["enabled"] is True
+        assert config.error is not None
+        assert "enabled" in config.error.message
+        assert config.settings["enabled"] is True
     finally:
         await agent.stop_clean()
 
@@ -386,19 +386,69 @@ async def test_mqtt_3_1_1_reports_events_and_set_errors_on_config(
 async def test_a_response_topic_the_agent_cannot_use_does_not_break_it(
     agent_a: AgentUnderTest, recorder_factory: Callable[..., MqttRecorder]
 ) -> None:
-    topics = DeviceTopics("soundedge", "dev-a")
-    controller = recorder_factory()
-    controller.connect()
-    controller.subscribe(topics.config)
-    controller.subscribe(topics.reply("ctl"))
-    agent_a.start()
-    await wait_for(controller, on(topics.config))
+    controller = await started_with_controller(agent_a, recorder_factory, TOPICS.config)
     for bad_topic in ("soundedge/dev-a/reply/#", "soundedge/dev-b/reply/x"):
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = bad_topic
-        controller.client.publish(topics.set, b'{"enabled": false}', qos=1, properties=props)
+        controller.client.publish(TOPICS.set, b'{"enabled": false}', qos=1, properties=props)
     # Still serving commands afterwards.
-    reply = await send_set(controller, topics, {"enabled": True}, "after")
+    reply = await send_set(controller, TOPICS, {"enabled": True}, "after")
     assert reply.ok
     assert agent_a.task is not None
     assert not agent_a.task.done()
+
+
+async def test_the_agent_and_the_controller_talk_through_one_bridge(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """Both sides' connections (`edge.mqtt_client.MqttBridge`) against the real broker: QoS 1
+    acknowledgements, a command with an MQTT 5 reply, each side's own error for an ACL refusal,
+    SUBACK and UNSUBACK, clean closes."""
+    loop = asyncio.get_running_loop()
+    agent = Connection(
+        agent_settings(tmp_path, broker).mqtt, "bridge-dev-a", (TOPICS.status, "offline"), loop
+    )
+    controller = ControllerConnection(
+        ControllerMqttSettings(
+            host=broker.host,
+            port=broker.port,
+            username="controller",
+            password=broker.users["controller"],
+        ),
+        "bridge-controller",
+        loop,
+        persistent=False,
+    )
+    async with asyncio.timeout(30):
+        await agent.open()
+        await controller.open()
+        try:
+            await controller.subscribe([TOPICS.status, TOPICS.reply("ctl")])
+            agent.subscribe(TOPICS.set)
+            await agent.publish(TOPICS.status, "online", retain=True)
+            status = await controller.messages.get()
+            status.ack()
+            assert (status.topic, status.payload, status.qos) == (TOPICS.status, b"online", 1)
+
+            await controller.publish(TOPICS.set, b"{}", 1, TOPICS.reply("ctl"), b"corr")
+            command = await agent.messages.get()
+            assert command == Incoming(TOPICS.set, b"{}", TOPICS.reply("ctl"), b"corr")
+            assert command.response_topic is not None
+            await agent.publish(command.response_topic, b"ok", 1, None, command.correlation_data)
+            reply = await controller.messages.get()
+            reply.ack()
+            assert (reply.topic, reply.payload) == (TOPICS.reply("ctl"), b"ok")
+            assert reply.correlation_data == b"corr"
+
+            with pytest.raises(MqttPublishRefusedError, match=r"^Not authorized$"):
+                await agent.publish("soundedge/dev-b/status", b"forged")
+            with pytest.raises(ControllerMqttError, match="the broker refused the message"):
+                await controller.publish(TOPICS.info, b"forged")
+            await controller.unsubscribe([TOPICS.reply("ctl"), "never/subscribed"])
+        finally:
+            await agent.close()
+            await controller.close()
+    with pytest.raises(MqttError, match="not connected"):
+        await agent.publish(TOPICS.status, "late")
+    with pytest.raises(ControllerMqttError, match="not connected"):
+        await controller.publish(TOPICS.set, b"{}")

@@ -1,18 +1,26 @@
-"""Pure parts of the MQTT side: topics, backoff, payload models, discovery, runtime view."""
+"""Pure parts of the MQTT side: topics, backoff, payload models, discovery, runtime view, and
+the error paths of the bridge both sides share (no broker needed)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from controller.errors import ControllerError
+from controller.mqtt import Connection as ControllerConnection
+from controller.settings import ControllerMqttSettings
 from edge.discovery import discovery_messages
+from edge.errors import SoundedgeError
 from edge.messages.common import EventFile, EventRecord
 from edge.messages.mqtt import (
     EventEndMessage,
@@ -20,10 +28,12 @@ from edge.messages.mqtt import (
     HealthMessage,
     parse_event_message,
 )
-from edge.mqtt import backoff_delay, runtime_view
+from edge.mqtt import runtime_view
+from edge.mqtt_client import Connection, MqttBridge, backoff_delay, run_until
 from edge.runtime import RuntimeConfig
-from edge.settings import DEVICE_ID_PATTERN, AgentSettings
+from edge.settings import DEVICE_ID_PATTERN, AgentSettings, MqttSettings
 from edge.topics import KINDS, DeviceTopics, fleet_filter, ha_config_topic, parse
+from tests.fixtures.broker import free_port
 
 device_ids = st.from_regex(DEVICE_ID_PATTERN, fullmatch=True)
 prefixes = st.sampled_from(["soundedge", "site/a", "x"])
@@ -52,6 +62,84 @@ def test_backoff_is_capped_and_jittered(attempt: int, low: float, high: float, s
     delay = backoff_delay(attempt, low, high, random.Random(seed))
     cap = min(high, low * 2.0**attempt)
     assert cap / 2 <= delay <= cap
+
+
+SIDES = ["agent", "controller"]
+
+
+def connection(side: str, **settings: Any) -> MqttBridge[Any]:
+    """The agent's or the controller's connection (both an `MqttBridge`)."""
+    loop = asyncio.get_running_loop()
+    if side == "agent":
+        return Connection(MqttSettings(**settings), "t-agent", ("t/status", "offline"), loop)
+    return ControllerConnection(
+        ControllerMqttSettings(**settings), "t-controller", loop, persistent=True
+    )
+
+
+@pytest.mark.parametrize("side", SIDES)
+async def test_unreadable_certificates_name_the_settings_of_each_side(
+    side: str, tmp_path: Path
+) -> None:
+    prefix = {"agent": "SOUNDEDGE_MQTT__", "controller": "SOUNDEDGE_CONTROLLER_MQTT__"}[side]
+    root = {"agent": SoundedgeError, "controller": ControllerError}[side]
+    with pytest.raises(root, match=f"^{prefix}TLS_\\*: cannot load certificates: ") as caught:
+        connection(side, tls=True, tls_ca_file=tmp_path / "absent.crt")
+    assert type(caught.value).__name__ == "MqttError"
+
+
+@pytest.mark.parametrize("side", SIDES)
+async def test_a_broker_that_is_not_there_is_one_error_of_each_side(side: str) -> None:
+    port = free_port()
+    conn = connection(side, host="127.0.0.1", port=port)
+    root = {"agent": SoundedgeError, "controller": ControllerError}[side]
+    with pytest.raises(root, match=f"^cannot connect to 127.0.0.1:{port}: "):
+        await conn.open(5.0)
+    await conn.close()
+    assert not conn.closed.is_set()
+
+
+async def test_run_until_returns_the_result_or_none_once_an_event_is_set() -> None:
+    stop, other = asyncio.Event(), asyncio.Event()
+    assert await run_until(asyncio.sleep(0, "done"), stop, other) == "done"
+    cancelled = asyncio.Event()
+
+    async def forever() -> str:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+        return "never"
+
+    asyncio.get_running_loop().call_later(0.01, other.set)
+    async with asyncio.timeout(5):
+        assert await run_until(forever(), stop, other) is None
+    assert cancelled.is_set()  # and waited for
+
+    async def failing() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        await run_until(failing(), stop)
+
+
+async def test_run_until_cancels_what_it_runs_when_cancelled_itself() -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def forever() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    outer = asyncio.create_task(run_until(forever(), asyncio.Event()))
+    async with asyncio.timeout(5):
+        await started.wait()
+        outer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await outer
+    assert cancelled.is_set()
 
 
 def record(seq: int = 7) -> EventRecord:
