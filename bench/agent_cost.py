@@ -7,10 +7,13 @@ callback that does nothing: the floor that any Python capture pays. Both are mea
 /proc/<pid> over the same window, after start-up: CPU seconds (user + system) per second of
 audio, as % of one core, and peak resident memory (VmHWM, start-up included). Overflows come
 from the agent's shutdown log line and the peer's own count of PortAudio's input-overflow flag.
-MQTT and the websocket server are off.
+MQTT and the websocket server are off, unless `--with-mqtt-ws`: then the agent also runs as
+deployed, connected to a local Mosquitto (the project's configuration, as device user `dev-a`)
+and with its websocket server listening.
 
     python3 -m bench.agent_cost --minutes 10
     python3 -m bench.agent_cost --minutes 2 --channels 2
+    python3 -m bench.agent_cost --minutes 10 --with-mqtt-ws
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tests.fixtures.agent_process import AgentProcess, clean_env
+from tests.fixtures.broker import Broker, free_port
 from tests.fixtures.virtual_mic import DEVICE_NAME, start_virtual_mic
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -97,16 +101,18 @@ def run(
     seed: int,
     process_interval_s: float | None = None,
     extra_env: dict[str, str] | None = None,
+    with_mqtt_ws: bool = False,
 ) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="agent-cost-") as tmp:
         workdir = Path(tmp)
         mic = start_virtual_mic(workdir)
         agent: AgentProcess | None = None
         peer: AgentProcess | None = None
+        broker: Broker | None = None
         try:
             tone = mic.write_tone("tone.wav", seconds=0.5, frequency_hz=1000.0, amplitude=0.3)
             env = clean_env(
-                SOUNDEDGE_DEVICE_ID="costpi",
+                SOUNDEDGE_DEVICE_ID="dev-a" if with_mqtt_ws else "costpi",
                 SOUNDEDGE_DATA_DIR=str(workdir / "data"),
                 SOUNDEDGE_AUDIO__DEVICE=DEVICE_NAME,
                 SOUNDEDGE_AUDIO__SAMPLERATE=str(SAMPLERATE),
@@ -114,6 +120,18 @@ def run(
                 SOUNDEDGE_MQTT__ENABLED="false",
                 SOUNDEDGE_WS__ENABLED="false",
             )
+            if with_mqtt_ws:
+                (workdir / "broker").mkdir()
+                broker = Broker(workdir / "broker", free_port())
+                broker.prepare()
+                broker.start()
+                env.update(broker.env("dev-a"))
+                env.update(
+                    SOUNDEDGE_MQTT__ENABLED="true",
+                    SOUNDEDGE_WS__ENABLED="true",
+                    SOUNDEDGE_WS__PORT=str(free_port()),
+                    SOUNDEDGE_WS__TOKEN="cost-bench-token",
+                )
             if process_interval_s is not None:
                 env["SOUNDEDGE_AUDIO__PROCESS_INTERVAL_S"] = str(process_interval_s)
             env.update(extra_env or {})
@@ -145,6 +163,8 @@ def run(
                 if proc is not None:
                     proc.stop()
             mic.stop()
+            if broker is not None:
+                broker.stop()
         assert agent is not None
         assert peer is not None
         results = []
@@ -164,6 +184,7 @@ def run(
         events = re.search(r"stopped; (\d+) events recorded", agent.output)
         return {
             "channels": channels,
+            "mqtt_and_websocket": with_mqtt_ws,
             "samplerate": SAMPLERATE,
             "minutes": minutes,
             "tones_played": played,
@@ -208,12 +229,25 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="an extra environment variable for the agent (repeatable)",
     )
+    parser.add_argument(
+        "--with-mqtt-ws",
+        action="store_true",
+        help="MQTT (to a local Mosquitto) and the websocket server on, as deployed",
+    )
     args = parser.parse_args()
     extra_env = dict(item.split("=", 1) for item in args.env)
-    result = run(args.minutes, args.channels, args.seed, args.process_interval_s, extra_env)
+    result = run(
+        args.minutes,
+        args.channels,
+        args.seed,
+        args.process_interval_s,
+        extra_env,
+        with_mqtt_ws=args.with_mqtt_ws,
+    )
     result["extra_env"] = extra_env
     OUT_DIR.mkdir(exist_ok=True)
-    out = OUT_DIR / f"agent_cost_{args.channels}ch.json"
+    suffix = "_mqtt_ws" if args.with_mqtt_ws else ""
+    out = OUT_DIR / f"agent_cost_{args.channels}ch{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"written to {out}")

@@ -281,6 +281,11 @@ class Collector:
         except ControllerError as exc:
             logger.warning("%s: catch-up failed: %s", device_id, exc)
             return False
+        except Exception:
+            # A bug, not a device problem: say so with the traceback (a task's exception is
+            # otherwise only reported when the task is garbage-collected), and retry later.
+            logger.exception("%s: catch-up failed unexpectedly", device_id)
+            return False
         return device_id not in self._catch_up_incomplete
 
     def _retry_catch_up_later(self, device_id: str) -> None:

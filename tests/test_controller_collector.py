@@ -419,3 +419,35 @@ async def test_a_device_coming_online_is_caught_up_at_once_despite_a_long_backof
             r.collector.device_online(DEVICE_ID, online=True)
             await wait_until(lambda: r.state(record) == "archived")
     assert agent.store.is_collected(record.event_id)
+
+
+async def test_a_bug_in_a_catch_up_is_logged_with_its_traceback_and_retried(
+    tmp_path: Path,
+    agent: Agent,
+    server: WsServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    record = add_event(agent.store)
+    settings = settings_for(tmp_path, catchup_interval_s=600)
+    async with rig(settings, url_of(server)) as r:
+        done_seq = r.db.done_seq
+        calls = 0
+
+        def broken_once(device_id: str) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug in the catch-up")
+            return done_seq(device_id)
+
+        monkeypatch.setattr(r.db, "done_seq", broken_once)
+        with caplog.at_level(logging.ERROR, logger="controller.collector"):
+            r.collector.request_catch_up(DEVICE_ID)
+            await wait_until(
+                lambda: (row := r.db.event(record.event_id)) is not None and row.state == "archived"
+            )
+    failures = [rec for rec in caplog.records if "failed unexpectedly" in rec.getMessage()]
+    assert len(failures) == 1
+    assert failures[0].exc_info is not None
+    assert "a bug in the catch-up" in str(failures[0].exc_info[1])

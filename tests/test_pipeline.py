@@ -131,6 +131,27 @@ async def test_event_open_at_shutdown_is_finished_not_lost(tmp_path: Path) -> No
     assert not list((tmp_path / "data" / "events").glob("*/.*.part"))
 
 
+def _trace_runs(monkeypatch: pytest.MonkeyPatch, agent: Agent) -> list[int | str]:
+    """Frames in the ring at each pipeline run, with "start" where an `EventStarted` went out."""
+    history: list[int | str] = []
+    drain = Pipeline._drain
+
+    async def recording_drain(self: Pipeline) -> None:
+        history.append(self._ring.frames_written)
+        await drain(self)
+
+    monkeypatch.setattr(Pipeline, "_drain", recording_drain)
+    publish = agent.bus.publish
+
+    def recording_publish(event: AgentEvent) -> None:
+        if isinstance(event, EventStarted):
+            history.append("start")
+        publish(event)
+
+    monkeypatch.setattr(agent.bus, "publish", recording_publish)
+    return history
+
+
 async def test_batching_pipeline_is_woken_at_once_by_an_onset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -142,24 +163,8 @@ async def test_batching_pipeline_is_woken_at_once_by_an_onset(
         update={"audio": settings.audio.model_copy(update={"process_interval_s": 1.0})}
     )
     batch_frames = RATE
-    # Frames in the ring at each pipeline run, and where the start was published among them.
-    history: list[int | str] = []
-    drain = Pipeline._drain
-
-    async def recording_drain(self: Pipeline) -> None:
-        history.append(self._ring.frames_written)
-        await drain(self)
-
-    monkeypatch.setattr(Pipeline, "_drain", recording_drain)
     agent = Agent(settings, FileSource(source_path, realtime=True))
-    publish = agent.bus.publish
-
-    def recording_publish(event: AgentEvent) -> None:
-        if isinstance(event, EventStarted):
-            history.append("start")
-        publish(event)
-
-    monkeypatch.setattr(agent.bus, "publish", recording_publish)
+    history = _trace_runs(monkeypatch, agent)
     await _run_until(agent, events=1)
     runs = [frames for frames in history[: history.index("start")] if isinstance(frames, int)]
     gaps = [later - earlier for earlier, later in itertools.pairwise(runs)]
@@ -186,23 +191,8 @@ async def test_batching_resumes_once_the_start_is_out(
             "detector": settings.detector.model_copy(update={"min_event_s": 0.3}),
         }
     )
-    history: list[int | str] = []
-    drain = Pipeline._drain
-
-    async def recording_drain(self: Pipeline) -> None:
-        history.append(self._ring.frames_written)
-        await drain(self)
-
-    monkeypatch.setattr(Pipeline, "_drain", recording_drain)
     agent = Agent(settings, FileSource(source_path, realtime=True))
-    publish = agent.bus.publish
-
-    def recording_publish(event: AgentEvent) -> None:
-        if isinstance(event, EventStarted):
-            history.append("start")
-        publish(event)
-
-    monkeypatch.setattr(agent.bus, "publish", recording_publish)
+    history = _trace_runs(monkeypatch, agent)
     await _run_until(agent, events=1)
     at_start = history.index("start")
     start_run = history[at_start - 1]
