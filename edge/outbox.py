@@ -285,7 +285,7 @@ class Outbox:
     def depth(self) -> int:
         """Event messages not yet acknowledged (sent or not)."""
         with self._lock:
-            ends = len(self.store.records_since(self._streams["end"].acked, 1 << 62))
+            ends = self.store.count_since(self._streams["end"].acked)
             return len(self._starts) + ends
 
     @property

@@ -1,14 +1,16 @@
 """Event files, the event log, seq across restarts, crash recovery and retention."""
 
+import gc
 import json
+import tracemalloc
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import soundfile as sf
 
 from edge.fileio import sha256_of
-from edge.recorder import read_guano
+from edge.recorder import new_event_id, read_guano
 from edge.store import EventStore, event_file_name
 from tests.helpers import SAMPLERATE, record_event
 
@@ -158,3 +160,46 @@ def test_retention_deletes_collected_files_first_then_only_above_hard_limit(
     assert report.deleted_uncollected == 2
     assert store.file_for(records[0].event_id) is None
     assert store.file_for(records[5].event_id) is not None
+
+
+def test_records_in_memory_cost_well_under_the_models(tmp_path: Path, store_opener: Opener) -> None:
+    # A device keeping 10 000 event files holds 10 000 records in memory: as pydantic models
+    # they took ~3.3 kB each (with their index), packed ~0.8 kB. What else `open` keeps (caches
+    # warmed by the first parse in a process: up to ~2 MB seen in a long pytest run) is spread
+    # over enough records to stay well under the old figure.
+    count = 5000
+    store = store_opener(tmp_path)
+    template = record_event(store)
+    assert template.file is not None
+    store.close()
+    lines = []
+    for seq in range(2, count + 2):
+        onset = template.onset_time + timedelta(seconds=seq)
+        name = event_file_name("testpi", onset, seq, "wav")
+        record = template.model_copy(
+            update={
+                "seq": seq,
+                "event_id": new_event_id(),
+                "onset_time": onset,
+                "file": template.file.model_copy(update={"name": name}),
+            }
+        )
+        (store.directory_for(onset) / name).touch()  # on disk: kept, whatever its age
+        lines.append(json.dumps({"kind": "event", "record": record.model_dump(mode="json")}))
+    with (tmp_path / "events.jsonl").open("a") as handle:
+        handle.write("\n".join(lines) + "\n")
+    del lines
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        reopened = store_opener(tmp_path)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert reopened.records_held == count + 1
+    assert reopened.count_since(1) == count
+    assert reopened.records_since(count, 1) == [record]
+    assert held / count < 1536, f"{held / count:.0f} bytes per record"
