@@ -107,19 +107,21 @@ class _Entry:
     onset_time: datetime
     file_name: str | None  # None: the event has no file (lost, never written)
     size_bytes: int
-    packed: bytes  # the record's JSON, zlib-compressed: see _pack
+    packed: bytes  # the record's JSON (as logged), zlib-compressed: see _pack
     collected: bool = False
     file_present: bool = True
 
     @classmethod
-    def of(cls, record: EventRecord) -> _Entry:
+    def of(cls, record: EventRecord, logged: dict[str, Any]) -> _Entry:
+        """The entry of `record`, whose JSON form `logged` is the log line's (already made by
+        `add`, already parsed when the log is replayed: the record is not serialized again)."""
         return cls(
             seq=record.seq,
             event_id=record.event_id,
             onset_time=record.onset_time,
             file_name=record.file.name if record.file is not None else None,
             size_bytes=record.file.size_bytes if record.file is not None else 0,
-            packed=_pack(record),
+            packed=_pack(logged),
         )
 
     def record(self) -> EventRecord:
@@ -267,8 +269,7 @@ class EventStore:
     def _apply_log_entry(self, entry: dict[str, Any]) -> None:
         kind = entry["kind"]
         if kind == "event":
-            record = EventRecord.model_validate(entry["record"])
-            self._index(record)
+            self._index(EventRecord.model_validate(entry["record"]), entry["record"])
         elif kind == "collected":
             if found := self._entries.get(entry["event_id"]):
                 self._set_collected(found)
@@ -292,8 +293,8 @@ class EventStore:
         else:
             raise KeyError(kind)
 
-    def _index(self, record: EventRecord) -> None:
-        entry = _Entry.of(record)
+    def _index(self, record: EventRecord, logged: dict[str, Any]) -> None:
+        entry = _Entry.of(record, logged)
         self._entries[entry.event_id] = entry
         self._by_seq.append(entry)
         if len(self._by_seq) > 1 and self._by_seq[-2].seq > entry.seq:
@@ -401,8 +402,9 @@ class EventStore:
     def add(self, record: EventRecord, written_part: Path | None) -> None:
         """Log a finished event, then move its `.part` file to the final name."""
         with self._lock:
-            self._append_log({"kind": "event", "record": record.model_dump(mode="json")})
-            self._index(record)
+            logged = record.model_dump(mode="json")
+            self._append_log({"kind": "event", "record": logged})
+            self._index(record, logged)
             self.counters.events_recorded += 1
             if written_part is not None and record.file is not None:
                 final = self.path_of(record)
@@ -410,7 +412,7 @@ class EventStore:
                 fsync_dir(final.parent)
 
     def _append_log(self, entry: dict[str, Any]) -> None:
-        line = json.dumps(entry, separators=(",", ":")).encode("utf-8") + b"\n"
+        line = _log_line(entry)
         if self._log_handle is None:
             raise StorageError("the event store is not open")
         try:
@@ -641,10 +643,10 @@ class EventStore:
             header = {"kind": "compacted", "at": at, **dataclasses.asdict(plan.header)}
             handle.write(_log_line(header))
             for packed, collected, file_present in plan.keep:
-                # Rebuilt and dumped as `add` logs it: the line is the one the old log held.
-                record = _unpack(packed)
-                handle.write(_log_line({"kind": "event", "record": record.model_dump(mode="json")}))
-                event_id = record.event_id
+                # The record as the old log held it (no model rebuilt and dumped again).
+                logged = _unpack_logged(packed)
+                handle.write(_log_line({"kind": "event", "record": logged}))
+                event_id = logged["event_id"]
                 if collected:
                     handle.write(_log_line({"kind": "collected", "event_id": event_id, "at": at}))
                 if not file_present:
@@ -712,12 +714,17 @@ class LogCompactor:
             await sleep_unless(stop, self._interval_s)
 
 
-def _pack(record: EventRecord) -> bytes:
-    return zlib.compress(record.model_dump_json().encode("utf-8"))
+def _pack(logged: dict[str, Any]) -> bytes:
+    return zlib.compress(json.dumps(logged, separators=(",", ":")).encode("utf-8"))
 
 
 def _unpack(packed: bytes) -> EventRecord:
     return EventRecord.model_validate_json(zlib.decompress(packed))
+
+
+def _unpack_logged(packed: bytes) -> dict[str, Any]:
+    logged: dict[str, Any] = json.loads(zlib.decompress(packed))
+    return logged
 
 
 def _log_line(entry: dict[str, Any]) -> bytes:
