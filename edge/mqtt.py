@@ -20,7 +20,7 @@ import math
 import platform
 import random
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +67,6 @@ from edge.topics import (
 logger = logging.getLogger(__name__)
 
 EVENT_WINDOW = 64  # event messages in flight (sent, not yet acknowledged) at most
-CONNECT_TIMEOUT_S = 15.0
 STOP_DRAIN_S = 3.0  # on stop, how long to keep sending queued events before `stopped`
 STOPPED_ACK_TIMEOUT_S = 5.0
 STABLE_SESSION_S = 30.0  # a session that lasted this long resets the reconnect backoff
@@ -182,7 +181,7 @@ class MqttPublisher:
                 await stop.wait()
                 return
             try:
-                await run_until(conn.open(CONNECT_TIMEOUT_S), stop)
+                await run_until(conn.open(), stop)
             except MqttAuthError as exc:
                 logger.error(
                     "MQTT: %s; not retrying: check SOUNDEDGE_MQTT__USERNAME and "
@@ -252,7 +251,7 @@ class MqttPublisher:
                 group.create_task(self._async_level(conn), name="mqtt-level"),
                 group.create_task(self._async_commands(conn), name="mqtt-commands"),
             ]
-            await _first_of(stop.wait(), conn.closed.wait(), self._refused.wait())
+            await run_until(stop.wait(), conn.closed, self._refused)
             if stop.is_set() and not conn.closed.is_set():
                 await self._async_drain(conn, STOP_DRAIN_S)
             for task in tasks:
@@ -558,14 +557,3 @@ def _log_failure(topic: str, future: asyncio.Future[None]) -> None:
         logger.warning("MQTT: the broker refused a message on %s: %s", topic, exc)
     elif exc is not None:
         logger.debug("MQTT: message on %s not delivered: %s", topic, exc)
-
-
-async def _first_of(*awaitables: Awaitable[Any]) -> None:
-    """Wait until any of `awaitables` finishes; cancel the others."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
