@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
+
+# soundedge does no linear algebra, yet numpy's OpenBLAS starts one thread per core when numpy is
+# imported, and they spin while the process starts: ~0.09 s of CPU per `soundedge detect` on 2
+# cores (docs/benchmarks.md, "Detection cost"), and idle threads in the agent. Set before any
+# numpy import (every entry point imports this package first); a user's own value is kept.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 if TYPE_CHECKING:
     __version__: str

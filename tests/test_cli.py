@@ -108,3 +108,24 @@ def test_detect_starts_without_the_capture_stack() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_numpy_starts_no_blas_thread_pool_unless_the_user_asks() -> None:
+    # OpenBLAS would start a thread per core on `import numpy`, spinning while the process
+    # starts; soundedge does no linear algebra (edge/__init__.py).
+    probe = (
+        "import os, edge, numpy; "
+        "print(os.environ['OPENBLAS_NUM_THREADS'], len(os.listdir('/proc/self/task')))"
+    )
+    default = subprocess.run(
+        [sys.executable, "-c", probe], env=clean_env(), capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert default.returncode == 0, default.stderr
+    assert default.stdout.split() == ["1", "1"]  # the setting, and the main thread alone
+    own = subprocess.run(
+        [sys.executable, "-c", probe], env=clean_env(OPENBLAS_NUM_THREADS="2"),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert own.returncode == 0, own.stderr
+    assert own.stdout.split()[0] == "2"
