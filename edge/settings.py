@@ -267,7 +267,7 @@ class StorageSettings(BaseModel):
         description="Days (by onset time) that an event's record stays in the event log and in "
         "memory after its file is gone (deleted by retention), so a controller can still list "
         "it. Events whose file is on disk are always kept, and so, while MQTT is enabled, are "
-        "those whose MQTT 'end' is not acknowledged. Memory: about 0.8 kB per record.",
+        "those whose MQTT 'end' is not acknowledged. Memory: about 0.45 kB per record.",
     )
     event_log_keep_events: int = Field(
         default=1000,

@@ -41,12 +41,10 @@ import os
 import re
 import shutil
 import threading
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydantic import ValidationError
 
@@ -94,12 +92,12 @@ class RetentionReport:
 
 @dataclass(slots=True)
 class _Entry:
-    """One event in memory: its record packed, plus the fields read on every walk.
+    """One event in memory: where its record is in the log, plus the fields read on every walk.
 
-    Every record whose file is on disk stays in memory. As a pydantic model a record costs
-    ~2.5 kB, as JSON ~0.6 kB, as zlib-compressed JSON ~0.35 kB (an entry with its index slots:
-    ~0.8 kB). `record()` rebuilds the model (~10 us) where whole records leave the store; the
-    walks over the records (seq order, retention, compaction) read only the plain fields.
+    Every record whose file is on disk stays in memory, for months on a device: thousands of
+    them. The whole record (a pydantic model: ~2.5 kB) is read back from its log line where it
+    leaves the store (~20 us); the walks over the records (seq order, retention, compaction)
+    read only these fields (~0.45 kB an entry with its index slots).
     """
 
     seq: int
@@ -107,26 +105,20 @@ class _Entry:
     onset_time: datetime
     file_name: str | None  # None: the event has no file (lost, never written)
     size_bytes: int
-    packed: bytes  # the record's JSON (as logged), zlib-compressed: see _pack
+    offset: int  # where its "event" line starts in the log (moved only by compaction)
     collected: bool = False
     file_present: bool = True
 
     @classmethod
-    def of(cls, record: EventRecord, logged: dict[str, Any]) -> _Entry:
-        """The entry of `record`, whose JSON form `logged` is the log line's (already made by
-        `add`, already parsed when the log is replayed: the record is not serialized again)."""
+    def of(cls, record: EventRecord, offset: int) -> _Entry:
         return cls(
             seq=record.seq,
             event_id=record.event_id,
             onset_time=record.onset_time,
             file_name=record.file.name if record.file is not None else None,
             size_bytes=record.file.size_bytes if record.file is not None else 0,
-            packed=_pack(logged),
+            offset=offset,
         )
-
-    def record(self) -> EventRecord:
-        """The record, rebuilt (a parse: not for walks over every record)."""
-        return _unpack(self.packed)
 
     @property
     def has_file(self) -> bool:
@@ -162,10 +154,15 @@ class _Compacted:
 class _CompactionPlan:
     """A snapshot taken under the lock: what to write, and where the log's tail begins."""
 
-    keep: list[tuple[bytes, bool, bool]]  # packed record, collected, file_present
+    keep: list[_Entry]
+    kept: list[tuple[int, str, bool, bool]]  # offset, event_id, collected, file_present
     drop: list[_Entry]
     header: _Compacted
     tail_offset: int
+    # Filled by _write_compacted: where each kept record's line starts in the compacted log,
+    # and that log's size before the tail is appended.
+    new_offsets: list[int] = field(default_factory=list)
+    compacted_size: int = 0
 
 
 class EventStore:
@@ -194,6 +191,8 @@ class EventStore:
         self._lock = threading.RLock()
         self._compact_lock = threading.Lock()  # one compaction at a time
         self._log_handle: Any = None
+        # Reads records back from the log (under the lock: compaction replaces the file).
+        self._reader: IO[bytes] | None = None
 
     # -- opening and recovery ------------------------------------------------------------------
 
@@ -217,6 +216,7 @@ class EventStore:
                 self._replay_log()
                 self._last_seq = max(self._last_seq, self._read_seq_file())
                 self._log_handle = self.log_path.open("ab")
+                self._reader = self.log_path.open("rb")
                 self._recover_files()
         except OSError as exc:
             raise StorageError(f"data directory {self.data_dir} is not usable: {exc}") from exc
@@ -226,6 +226,9 @@ class EventStore:
             if self._log_handle is not None:
                 self._log_handle.close()
                 self._log_handle = None
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def _read_seq_file(self) -> int:
         try:
@@ -241,35 +244,44 @@ class EventStore:
     def _replay_log(self) -> None:
         if not self.log_path.exists():
             return
-        raw = self.log_path.read_bytes()
+        # Line by line: a log of thousands of records is never in memory whole.
         good_end = 0
-        for line_end, line in _lines_with_ends(raw):
-            try:
-                entry = json.loads(line)
-                self._apply_log_entry(entry)
-                good_end = line_end
-            except (json.JSONDecodeError, ValidationError, KeyError, TypeError, ValueError) as exc:
-                if line_end >= len(raw) and not raw.endswith(b"\n"):
-                    # The last line was cut by a crash in mid-append: drop it.
-                    logger.warning("dropping a truncated last line of %s", self.log_path)
-                else:
+        good_ends_line = True
+        with self.log_path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            line_end = 0
+            for raw_line in handle:
+                offset, line_end = line_end, line_end + len(raw_line)
+                line = raw_line.strip()
+                if not line:
+                    continue
+                try:
+                    self._apply_log_entry(json.loads(line), offset)
+                except (
+                    json.JSONDecodeError, ValidationError, KeyError, TypeError, ValueError
+                ) as exc:  # fmt: skip
+                    if line_end >= size and not raw_line.endswith(b"\n"):
+                        # The last line was cut by a crash in mid-append: drop it.
+                        logger.warning("dropping a truncated last line of %s", self.log_path)
+                        continue
                     self.counters.log_lines_skipped += 1
                     logger.error("skipping a corrupt line in %s: %s", self.log_path, exc)
-                    good_end = line_end
-        if good_end < len(raw):
+                good_end = line_end
+                good_ends_line = raw_line.endswith(b"\n")
+        if good_end < size:
             with self.log_path.open("r+b") as handle:
                 handle.truncate(good_end)
                 os.fsync(handle.fileno())
-        if good_end and not raw[:good_end].endswith(b"\n"):
+        if not good_ends_line:
             # The last line parsed but lost its newline: end it, or the next append joins it.
             with self.log_path.open("ab") as handle:
                 handle.write(b"\n")
                 os.fsync(handle.fileno())
 
-    def _apply_log_entry(self, entry: dict[str, Any]) -> None:
+    def _apply_log_entry(self, entry: dict[str, Any], offset: int) -> None:
         kind = entry["kind"]
         if kind == "event":
-            self._index(EventRecord.model_validate(entry["record"]), entry["record"])
+            self._index(EventRecord.model_validate(entry["record"]), offset)
         elif kind == "collected":
             if found := self._entries.get(entry["event_id"]):
                 self._set_collected(found)
@@ -293,8 +305,8 @@ class EventStore:
         else:
             raise KeyError(kind)
 
-    def _index(self, record: EventRecord, logged: dict[str, Any]) -> None:
-        entry = _Entry.of(record, logged)
+    def _index(self, record: EventRecord, offset: int) -> None:
+        entry = _Entry.of(record, offset)
         self._entries[entry.event_id] = entry
         self._by_seq.append(entry)
         if len(self._by_seq) > 1 and self._by_seq[-2].seq > entry.seq:
@@ -325,7 +337,7 @@ class EventStore:
             if final.exists():
                 continue
             pending = part_path(final)
-            file = entry.record().file
+            file = self._record_of(entry).file
             if file is not None and pending.exists() and sha256_of(pending) == file.sha256:
                 pending.replace(final)
                 fsync_dir(final.parent)
@@ -341,8 +353,11 @@ class EventStore:
                     }
                 )
                 logger.error("event file %s is missing", final.name)
+        pending_files = _part_files(self.events_dir)
+        if not pending_files:
+            return
         known = {e.file_name for e in self._by_seq if e.file_name is not None}
-        for pending in sorted(self.events_dir.glob(f"*/.*{PART_SUFFIX}")):
+        for pending in pending_files:
             final_name = pending.name[1 : -len(PART_SUFFIX)]
             if final_name in known:
                 continue
@@ -402,30 +417,53 @@ class EventStore:
     def add(self, record: EventRecord, written_part: Path | None) -> None:
         """Log a finished event, then move its `.part` file to the final name."""
         with self._lock:
-            logged = record.model_dump(mode="json")
-            self._append_log({"kind": "event", "record": logged})
-            self._index(record, logged)
+            offset = self._append_log({"kind": "event", "record": record.model_dump(mode="json")})
+            self._index(record, offset)
             self.counters.events_recorded += 1
             if written_part is not None and record.file is not None:
                 final = self.path_of(record)
                 written_part.replace(final)
                 fsync_dir(final.parent)
 
-    def _append_log(self, entry: dict[str, Any]) -> None:
+    def _append_log(self, entry: dict[str, Any]) -> int:
+        """Append a line to the log and fsync it; the offset where it starts."""
         line = _log_line(entry)
         if self._log_handle is None:
             raise StorageError("the event store is not open")
         try:
+            # The size, not the handle's position: every append is flushed, and a failed one
+            # may have left part of a line behind.
+            offset = os.fstat(self._log_handle.fileno()).st_size
             self._log_handle.write(line)
             self._log_handle.flush()
             os.fsync(self._log_handle.fileno())
         except OSError as exc:
             raise StorageError(f"cannot append to {self.log_path}: {exc}") from exc
+        return offset
+
+    def _event_line(self, entry: _Entry) -> bytes:
+        """The log line of an entry's record (under the lock: compaction moves lines).
+
+        A closed store still lists what it held (tools and tests read it after the agent).
+        """
+        try:
+            if self._reader is None:
+                with self.log_path.open("rb") as reader:
+                    reader.seek(entry.offset)
+                    return reader.readline()
+            self._reader.seek(entry.offset)
+            return self._reader.readline()
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.log_path}: {exc}") from exc
+
+    def _record_of(self, entry: _Entry) -> EventRecord:
+        return _parse_event_line(self._event_line(entry))
 
     def get(self, event_id: str) -> EventRecord | None:
         with self._lock:
             entry = self._entries.get(event_id)
-            return entry.record() if entry else None
+            line = self._event_line(entry) if entry else None
+        return _parse_event_line(line) if line else None
 
     def file_for(self, event_id: str) -> Path | None:
         """The final path of an event's file, or None if the id is invalid, unknown or gone.
@@ -447,9 +485,9 @@ class EventStore:
         """
         with self._lock:
             first = bisect.bisect_right(self._by_seq, since_seq, key=lambda e: e.seq)
-            page = [e.packed for e in self._by_seq[first : first + max(limit, 0)]]
-        # Rebuilt outside the lock: packed records are immutable, and a page may be long.
-        return [_unpack(packed) for packed in page]
+            page = [self._event_line(e) for e in self._by_seq[first : first + max(limit, 0)]]
+        # Parsed outside the lock: a page may be long.
+        return [_parse_event_line(line) for line in page]
 
     def count_since(self, since_seq: int) -> int:
         """How many records `records_since(since_seq, <no limit>)` would list, without them."""
@@ -630,23 +668,28 @@ class EventStore:
             )
             self._log_handle.flush()  # every append went through it: its size is the log's
             return _CompactionPlan(
-                keep=[(e.packed, e.collected, e.file_present) for e in keep],
+                keep=keep,
+                kept=[(e.offset, e.event_id, e.collected, e.file_present) for e in keep],
                 drop=drop,
                 header=header,
                 tail_offset=os.fstat(self._log_handle.fileno()).st_size,
             )
 
     def _write_compacted(self, plan: _CompactionPlan) -> None:
-        """Write the kept records aside and fsync them (no lock: packed records are immutable)."""
+        """Write the kept records aside and fsync them.
+
+        No lock: the log is only appended to until compaction (serialized by its own lock)
+        replaces it, so the snapshot's lines stay where they are.
+        """
         at = iso_utc(utc_now())
-        with self.compact_path.open("wb") as handle:
+        with self.compact_path.open("wb") as handle, self.log_path.open("rb") as old:
             header = {"kind": "compacted", "at": at, **dataclasses.asdict(plan.header)}
             handle.write(_log_line(header))
-            for packed, collected, file_present in plan.keep:
-                # The record as the old log held it (no model rebuilt and dumped again).
-                logged = _unpack_logged(packed)
-                handle.write(_log_line({"kind": "event", "record": logged}))
-                event_id = logged["event_id"]
+            for offset, event_id, collected, file_present in plan.kept:
+                # The record's line as the old log holds it, byte for byte.
+                old.seek(offset)
+                plan.new_offsets.append(handle.tell())
+                handle.write(old.readline().strip() + b"\n")
                 if collected:
                     handle.write(_log_line({"kind": "collected", "event_id": event_id, "at": at}))
                 if not file_present:
@@ -662,6 +705,7 @@ class EventStore:
                     )
             handle.flush()
             os.fsync(handle.fileno())
+            plan.compacted_size = handle.tell()
 
     def _install_compacted(self, plan: _CompactionPlan) -> None:
         """Append what the log got since the snapshot, rename over the log, forget the dropped."""
@@ -677,13 +721,22 @@ class EventStore:
                 os.fsync(handle.fileno())
             # Closed before the rename: Windows cannot replace an open file.
             self._log_handle.close()
+            if self._reader is not None:
+                self._reader.close()
             try:
                 self.compact_path.replace(self.log_path)
                 fsync_dir(self.log_path.parent)
             finally:
                 self._log_handle = self.log_path.open("ab")
+                self._reader = self.log_path.open("rb")
             dropped = {id(e) for e in plan.drop}
             self._by_seq = [e for e in self._by_seq if id(e) not in dropped]
+            # Kept records moved to where they were written; records added since the
+            # snapshot came with the tail.
+            moved = {id(e): new for e, new in zip(plan.keep, plan.new_offsets, strict=True)}
+            tail_shift = plan.compacted_size - plan.tail_offset
+            for entry in self._by_seq:
+                entry.offset = moved.get(id(entry), entry.offset + tail_shift)
             for entry in plan.drop:
                 if self._entries.get(entry.event_id) is entry:
                     del self._entries[entry.event_id]
@@ -692,7 +745,7 @@ class EventStore:
         logger.info(
             "event log compacted: %d old records dropped, %d kept",
             len(plan.drop),
-            len(plan.keep),
+            len(plan.kept),
         )
 
 
@@ -714,29 +767,29 @@ class LogCompactor:
             await sleep_unless(stop, self._interval_s)
 
 
-def _pack(logged: dict[str, Any]) -> bytes:
-    return zlib.compress(json.dumps(logged, separators=(",", ":")).encode("utf-8"))
+def _parse_event_line(line: bytes) -> EventRecord:
+    return EventRecord.model_validate(json.loads(line)["record"])
 
 
-def _unpack(packed: bytes) -> EventRecord:
-    return EventRecord.model_validate_json(zlib.decompress(packed))
+def _part_files(events_dir: Path) -> list[Path]:
+    """The `.part` files in the day directories, sorted.
 
-
-def _unpack_logged(packed: bytes) -> dict[str, Any]:
-    logged: dict[str, Any] = json.loads(zlib.decompress(packed))
-    return logged
+    Streamed with `os.scandir`: `Path.glob` lists every name of a directory first, a few MB at
+    start-up on a device keeping thousands of files.
+    """
+    found: list[Path] = []
+    with os.scandir(events_dir) as days:
+        for day in days:
+            if not day.is_dir():
+                continue
+            with os.scandir(day.path) as names:
+                found.extend(
+                    Path(e.path)
+                    for e in names
+                    if e.name.startswith(".") and e.name.endswith(PART_SUFFIX)
+                )
+    return sorted(found)
 
 
 def _log_line(entry: dict[str, Any]) -> bytes:
     return json.dumps(entry, separators=(",", ":")).encode("utf-8") + b"\n"
-
-
-def _lines_with_ends(raw: bytes) -> Iterator[tuple[int, bytes]]:
-    start = 0
-    while start < len(raw):
-        newline = raw.find(b"\n", start)
-        end = len(raw) if newline < 0 else newline + 1
-        line = raw[start:end].strip()
-        if line:
-            yield end, line
-        start = end

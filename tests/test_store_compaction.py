@@ -192,6 +192,9 @@ def test_appends_during_compaction_are_kept(tmp_path: Path, store_opener: Opener
     assert not store.compact_path.exists()
     assert seqs(store) == [3, 4, late.seq]
     also_late = old_event(store)  # appended to the new log
+    # Records are read back from the log: the kept ones moved, the late one came with the tail.
+    assert store.records_since(0, 10) == [records[2], records[3], late, also_late]
+    assert store.get(late.event_id) == late
     store.close()
 
     reopened = store_opener(tmp_path, event_log_keep_days=0, event_log_keep_events=10)
