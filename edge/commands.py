@@ -255,8 +255,12 @@ def cmd_detect(args: argparse.Namespace, settings: AgentSettings) -> int:
 def cmd_run(args: argparse.Namespace, settings: AgentSettings) -> int:
     import asyncio  # noqa: PLC0415
 
+    from edge.capture import EXIT_AUDIO_WEDGED, prepare_portaudio  # noqa: PLC0415
+
+    # PortAudio's device scan loads every ALSA plugin for a moment: do it before the agent's
+    # own modules are imported, so that this moment is not the process's peak of memory.
+    prepare_portaudio()
     from edge.agent import run_agent  # noqa: PLC0415
-    from edge.capture import EXIT_AUDIO_WEDGED  # noqa: PLC0415
 
     try:
         needs_restart = asyncio.run(run_agent(settings))

@@ -151,7 +151,7 @@ class NoiseFloor:
     def _update(self, rows: FloatArray, mean: FloatArray) -> None:
         """One update from `rows` (frames, channels) and their mean per channel."""
         if self.floor_db is None:
-            floor = np.median(rows, axis=0)
+            floor = _median(rows)
             spread = np.maximum(np.mean(np.abs(rows - floor), axis=0), MIN_SPREAD_DB)
             self.floor_db = floor
             self.spread_db = spread
@@ -198,3 +198,16 @@ class NoiseFloor:
         self._thresholds = self.floor_db + self._allowance
         self._floors = self.floor_db
         self._event_level = self._allowance + self._threshold_db
+
+
+def _median(rows: FloatArray) -> FloatArray:
+    """`np.median(rows, axis=0)`, the same values: np.median's NaN check imports numpy.ma,
+    1.2 MiB of resident memory for the life of the agent, for one call at start."""
+    n = rows.shape[0]
+    half = n // 2
+    if n % 2:
+        floor = np.partition(rows, half, axis=0)[half]
+    else:
+        part = np.partition(rows, (half - 1, half), axis=0)
+        floor = (part[half - 1] + part[half]) / 2.0
+    return np.where(np.isnan(rows).any(axis=0), np.nan, floor)

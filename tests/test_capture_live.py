@@ -268,3 +268,20 @@ def test_unusable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "data directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ALSA only")
+def test_device_scan_leaves_no_alsa_plugin_loaded() -> None:
+    # PortAudio's device scan loads every ALSA plugin of the configuration (a52 brings
+    # libavcodec and its chain, jack, pulse...); alsa-lib would keep them all, 10+ MiB
+    # resident for the agent's life, until its global configuration is freed.
+    probe = (
+        "from edge.capture import list_input_devices; list_input_devices(); "
+        "print(sum('libasound_module_pcm_' in line for line in open('/proc/self/maps')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=clean_env(), capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"
