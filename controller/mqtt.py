@@ -21,17 +21,15 @@ from dataclasses import dataclass, field
 
 import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from controller.errors import ControllerError
 from controller.settings import ControllerMqttSettings
 from edge.aio import sleep_unless
-from edge.mqtt_client import MqttBridge, backoff_delay, run_until
+from edge.mqtt_client import SUBSCRIBE_TIMEOUT_S, MqttBridge, backoff_delay, run_until
 from edge.topics import Kind, fleet_filter
 
 logger = logging.getLogger(__name__)
 
-SUBSCRIBE_TIMEOUT_S = 15.0
 RECEIVE_MAXIMUM = 1000  # unacknowledged QoS 1 messages the broker may send us at once
 FLEET_KINDS: tuple[Kind, ...] = ("status", "info", "health", "config")
 
@@ -118,20 +116,15 @@ class Connection(MqttBridge[Message]):
         result = self._client.unsubscribe(filters)
         await self._acknowledged("unsubscribe", "UNSUBACK", result, timeout_s)
 
-    async def subscribe(self, filters: list[str], timeout_s: float = SUBSCRIBE_TIMEOUT_S) -> None:
-        """Subscribe with QoS 1 and wait for the SUBACK; raise MqttError if refused."""
-        if self.is_v5:
-            options = SubscribeOptions(qos=1)
-            result = self._client.subscribe([(f, options) for f in filters])
-        else:
-            result = self._client.subscribe([(f, 1) for f in filters])
-        codes = await self._acknowledged("subscribe", "SUBACK", result, timeout_s)
-        refused = [f for f, code in zip(filters, codes, strict=False) if code.is_failure]
+    async def subscribe(
+        self, filters: list[str], timeout_s: float = SUBSCRIBE_TIMEOUT_S
+    ) -> list[str]:
+        """Subscribe with QoS 1 and wait for the SUBACK; raise MqttError if refused (a
+        controller that cannot see the fleet has nothing to do)."""
+        refused = await super().subscribe(filters, timeout_s)
         if refused:
-            raise MqttError(
-                f"the broker refused the subscription to {', '.join(refused)} (check the ACL "
-                f"of user {self.settings.username!r})"
-            )
+            raise MqttError(self.refusal(refused))
+        return refused
 
     def _ack(self, mid: int, qos: int) -> None:
         if qos > 0 and not self.closed.is_set():

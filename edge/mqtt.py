@@ -236,9 +236,18 @@ class MqttPublisher:
         self._conn = conn
         mqtt = self._mqtt
         logger.info("MQTT connected to %s:%d as %s", mqtt.host, mqtt.port, self.client_id)
-        conn.subscribe(self.topics.set, qos=1)
+        filters = [self.topics.set]
         if mqtt.discovery:
-            conn.subscribe(ha_status_topic(mqtt.discovery_prefix), qos=1)
+            filters.append(ha_status_topic(mqtt.discovery_prefix))
+        # The SUBACK comes before `online`, so a refusal is found out and said, not silent.
+        refused = await conn.subscribe(filters)
+        if refused:
+            # Events, health and files need no subscription: the agent goes on without them.
+            logger.error(
+                "MQTT: %s; `set` commands (and Home Assistant's restarts) will not reach this "
+                "agent",
+                conn.refusal(refused),
+            )
         self._publish(conn, self.topics.status, STATUS_ONLINE, qos=1, retain=True)
         self._publish(conn, self.topics.info, _json(self._info_message()), qos=1, retain=True)
         self._publish(conn, self.topics.config, _json(self._config_message()), qos=1, retain=True)

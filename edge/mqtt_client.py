@@ -36,6 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import SecretStr
 
 from edge.aio import sleep_unless
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 # (paho maps MQTT 3.1.1 return codes 4 and 5 to 0x86 and 0x87).
 AUTH_FAILURES = frozenset({0x86, 0x87, 0x8C})
 CONNECT_TIMEOUT_S = 15.0
+SUBSCRIBE_TIMEOUT_S = 15.0
 INCOMING_QUEUE = 64  # the agent's commands waiting to be applied, at most
 
 T = TypeVar("T")
@@ -316,6 +318,27 @@ class MqttBridge(ABC, Generic[MessageT]):
         except TimeoutError as exc:
             raise self.error_class(f"no {ack} within {timeout_s:.0f} s") from exc
 
+    async def subscribe(
+        self, filters: list[str], timeout_s: float = SUBSCRIBE_TIMEOUT_S
+    ) -> list[str]:
+        """Subscribe with QoS 1 and wait for the SUBACK; the filters the broker refused.
+
+        Raises `error_class` if the request cannot be sent or no SUBACK comes in time.
+        """
+        if self.is_v5:
+            result = self._client.subscribe([(f, SubscribeOptions(qos=1)) for f in filters])
+        else:
+            result = self._client.subscribe([(f, 1) for f in filters])
+        codes = await self._acknowledged("subscribe", "SUBACK", result, timeout_s)
+        return [f for f, code in zip(filters, codes, strict=False) if code.is_failure]
+
+    def refusal(self, refused: list[str]) -> str:
+        """What to tell the operator about refused subscriptions."""
+        return (
+            f"the broker refused the subscription to {', '.join(refused)} (check the ACL of "
+            f"user {self.settings.username!r})"
+        )
+
     def _refused(self, reason_code: ReasonCode) -> Exception:
         """The exception for a message the broker refused (MQTT 5 PUBACK reason code)."""
         return self.refused_error_class(str(reason_code))
@@ -460,10 +483,6 @@ class Connection(MqttBridge[Incoming]):
         super().__init__(
             settings, client_id, loop, will=will, max_inflight=128, queue_size=INCOMING_QUEUE
         )
-
-    def subscribe(self, topic: str, qos: int = 1) -> None:
-        """Subscribe without waiting for the SUBACK."""
-        self._sent(f"subscribe to {topic}", self._client.subscribe(topic, qos))
 
     def _on_incoming(self, message: paho.MQTTMessage) -> Incoming:
         return Incoming(

@@ -4,7 +4,13 @@ a real event store, bus and runtime config: availability, info, health, events, 
 from __future__ import annotations
 
 import asyncio
+import base64
+import getpass
+import hashlib
 import json
+import logging
+import os
+import sysconfig
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -38,13 +44,17 @@ from edge.settings import AgentSettings, MqttSettings
 from edge.state import AgentState
 from edge.store import EventStore
 from edge.topics import DeviceTopics
-from tests.fixtures.broker import Broker, MqttRecorder, Received
+from tests.fixtures.broker import Broker, MqttRecorder, Received, free_port
 
 pytestmark = pytest.mark.system
 
 WS_URL = "ws://dev-a.test:8765"
 TOPICS = DeviceTopics("soundedge", "dev-a")
 T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+# Debian's mosquitto package ships it.
+DYNSEC_PLUGIN = (
+    Path("/usr/lib") / sysconfig.get_config_var("MULTIARCH") / "mosquitto_dynamic_security.so"
+)
 
 
 def agent_settings(
@@ -424,7 +434,7 @@ async def test_the_agent_and_the_controller_talk_through_one_bridge(
         await controller.open()
         try:
             await controller.subscribe([TOPICS.status, TOPICS.reply("ctl")])
-            agent.subscribe(TOPICS.set)
+            assert await agent.subscribe([TOPICS.set]) == []  # granted
             await agent.publish(TOPICS.status, "online", retain=True)
             status = await controller.messages.get()
             status.ack()
@@ -452,3 +462,84 @@ async def test_the_agent_and_the_controller_talk_through_one_bridge(
         await agent.publish(TOPICS.status, "late")
     with pytest.raises(ControllerMqttError, match="not connected"):
         await controller.publish(TOPICS.set, b"{}")
+
+
+def dynsec_broker(workdir: Path) -> Broker:
+    """Mosquitto with its dynamic-security plugin instead of the project's ACL file.
+
+    Mosquitto's ACL file grants every subscription and filters at delivery; brokers with an
+    auth plugin (Home Assistant's Mosquitto add-on among them) refuse it in the SUBACK. Here
+    `dev-a` may publish its own topics and discovery, and subscribe to Home Assistant's
+    status, but not to its `set` topic.
+    """
+    broker = Broker(workdir, free_port(), users={"dev-a": "pw-a", "controller": "pw-c"})
+    workdir.mkdir()
+
+    def client(name: str, role: str) -> dict[str, Any]:
+        salt = os.urandom(12)
+        digest = hashlib.pbkdf2_hmac("sha512", broker.users[name].encode(), salt, 101)
+        return {
+            "username": name,
+            "password": base64.b64encode(digest).decode(),
+            "salt": base64.b64encode(salt).decode(),
+            "iterations": 101,
+            "roles": [{"rolename": role}],
+        }
+
+    def acl(kind: str, topic: str) -> dict[str, Any]:
+        return {"acltype": kind, "topic": topic, "priority": 0, "allow": True}
+
+    security = {
+        "defaultACLAccess": {
+            "publishClientSend": False, "publishClientReceive": True,
+            "subscribe": False, "unsubscribe": True,
+        },
+        "clients": [client("dev-a", "device"), client("controller", "watcher")],
+        "groups": [],
+        "roles": [
+            {"rolename": "device", "acls": [
+                acl("publishClientSend", "soundedge/dev-a/#"),
+                acl("publishClientSend", "homeassistant/+/dev-a/+/config"),
+                acl("subscribePattern", "homeassistant/status"),
+            ]},
+            {"rolename": "watcher", "acls": [acl("subscribePattern", "soundedge/#")]},
+        ],
+    }  # fmt: skip
+    (workdir / "dynsec.json").write_text(json.dumps(security))
+    broker.conf_path.write_text(
+        f"user {getpass.getuser()}\n"
+        "allow_anonymous false\n"
+        f"plugin {DYNSEC_PLUGIN}\n"
+        f"plugin_opt_config_file {workdir / 'dynsec.json'}\n"
+        f"listener {broker.port} 127.0.0.1\n"
+    )
+    return broker
+
+
+async def test_a_refused_subscription_is_said_and_the_agent_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not DYNSEC_PLUGIN.exists():
+        pytest.fail(f"{DYNSEC_PLUGIN} is missing: apt-get install mosquitto")
+    broker = dynsec_broker(tmp_path / "broker")
+    broker.start()
+    watcher = MqttRecorder(broker)
+    try:
+        agent = AgentUnderTest.build(agent_settings(tmp_path / "a", broker))
+        watcher.connect()
+        watcher.subscribe("soundedge/dev-a/#")
+        with caplog.at_level(logging.ERROR, logger="edge.mqtt"):
+            agent.start()
+            await wait_for(watcher, lambda ms: on(TOPICS.status)(ms) and on(TOPICS.health)(ms))
+            record = agent.emit()
+            ends = await wait_for(watcher, lambda ms: len(events(ms, TOPICS.event, "end")) == 1)
+        assert "refused the subscription to soundedge/dev-a/set" in caplog.text
+        assert "homeassistant/status" not in caplog.text  # that one was granted
+        assert "check the ACL of user 'dev-a'" in caplog.text
+        assert watcher.on(TOPICS.status)[0].payload == b"online"
+        assert events(ends, TOPICS.event, "end")[0]["event_id"] == record.event_id
+        assert agent.publisher.connections == 1  # the same session went on
+        await agent.stop_clean()
+    finally:
+        watcher.close()
+        broker.stop()
