@@ -15,7 +15,7 @@ import soundfile as sf
 
 from edge.agent import Agent
 from edge.settings import AgentSettings
-from tests.fixtures.agent_process import AgentProcess, clean_env
+from tests.fixtures.agent_process import AgentProcess, clean_env, python_probe
 from tests.fixtures.virtual_mic import DEVICE_NAME, VirtualMic
 
 pytestmark = pytest.mark.system
@@ -279,9 +279,4 @@ def test_device_scan_leaves_no_alsa_plugin_loaded() -> None:
         "from edge.capture import list_input_devices; list_input_devices(); "
         "print(sum('libasound_module_pcm_' in line for line in open('/proc/self/maps')))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], env=clean_env(), capture_output=True, text=True,
-        timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "0"
+    assert python_probe(probe).strip() == "0"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.fixtures.agent_process import clean_env
+from tests.fixtures.agent_process import clean_env, python_probe
 from tests.fixtures.virtual_mic import VirtualMic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,12 +102,7 @@ def test_detect_starts_without_the_capture_stack() -> None:
         "print(sorted(m for m in ('edge.capture', 'sounddevice', 'edge.agent') "
         "if m in sys.modules))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], env=clean_env(), capture_output=True, text=True,
-        timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert python_probe(probe).strip() == "[]"
 
 
 def test_numpy_starts_no_blas_thread_pool_unless_the_user_asks() -> None:
@@ -117,15 +112,6 @@ def test_numpy_starts_no_blas_thread_pool_unless_the_user_asks() -> None:
         "import os, edge, numpy; "
         "print(os.environ['OPENBLAS_NUM_THREADS'], len(os.listdir('/proc/self/task')))"
     )
-    default = subprocess.run(
-        [sys.executable, "-c", probe], env=clean_env(), capture_output=True, text=True,
-        timeout=60, check=False,
-    )  # fmt: skip
-    assert default.returncode == 0, default.stderr
-    assert default.stdout.split() == ["1", "1"]  # the setting, and the main thread alone
-    own = subprocess.run(
-        [sys.executable, "-c", probe], env=clean_env(OPENBLAS_NUM_THREADS="2"),
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert own.returncode == 0, own.stderr
-    assert own.stdout.split()[0] == "2"
+    # The setting, and the main thread alone.
+    assert python_probe(probe).split() == ["1", "1"]
+    assert python_probe(probe, OPENBLAS_NUM_THREADS="2").split()[0] == "2"

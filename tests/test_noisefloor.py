@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from edge.noisefloor import MIN_SPREAD_DB, SPREAD_SMOOTHING, NoiseFloor, _median
+from tests.fixtures.agent_process import python_probe
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -117,8 +115,4 @@ def test_the_tracker_does_not_import_numpy_ma() -> None:
         "t = NoiseFloor(2, 0.01, 6.0, 2.0); t.feed(np.full((1000, 2), -60.0)); "
         "print('numpy.ma' in sys.modules)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    assert python_probe(probe).strip() == "False"
