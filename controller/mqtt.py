@@ -2,8 +2,8 @@
 persistent session and manual acknowledgement), and the subscriptions of `run` (the whole
 fleet, events optionally through a shared subscription).
 
-`supervise` reconnects with capped, jittered backoff (`edge.mqtt_client.backoff_delay`) and
-resubscribes on every connect.
+`supervise` reconnects with the agent's policy (`edge.mqtt_client.Backoff`: capped, jittered,
+reset only by a session that lasted) and resubscribes on every connect.
 
 Incoming QoS 1 messages are acknowledged by the controller (`Message.ack`) after they are
 handled (recorded in the database), not on receipt: a crash in between leaves the message with
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -25,7 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from controller.errors import ControllerError
 from controller.settings import ControllerMqttSettings
 from edge.aio import sleep_unless
-from edge.mqtt_client import SUBSCRIBE_TIMEOUT_S, MqttBridge, backoff_delay, run_until
+from edge.mqtt_client import SUBSCRIBE_TIMEOUT_S, Backoff, MqttBridge, run_until
 from edge.topics import Kind, fleet_filter
 
 logger = logging.getLogger(__name__)
@@ -175,8 +174,7 @@ async def supervise(
     running `session(conn)` on each one until `stop`; reconnect with backoff, give up only on
     an authentication failure."""
     loop = asyncio.get_running_loop()
-    rng = random.Random()
-    attempt = 0
+    backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
     while not stop.is_set():
         conn = Connection(settings, client_id, loop, persistent=True)
         try:
@@ -198,14 +196,12 @@ async def supervise(
             raise
         except MqttError as exc:
             await conn.close()
-            delay = backoff_delay(attempt, settings.reconnect_min_s, settings.reconnect_max_s, rng)
-            (logger.warning if attempt == 0 else logger.info)(
-                "MQTT: %s; retrying in %.1f s", exc, delay
-            )
-            attempt += 1
+            log = logger.warning if backoff.attempt == 0 else logger.info
+            delay = backoff.connect_failed()
+            log("MQTT: %s; retrying in %.1f s", exc, delay)
             await sleep_unless(stop, delay)
             continue
-        attempt = 0
+        session_started = loop.time()
         logger.info(
             "MQTT connected to %s:%d as %s (%s)",
             settings.host,
@@ -218,7 +214,7 @@ async def supervise(
         finally:
             await conn.close()
         if not stop.is_set():
-            delay = backoff_delay(0, settings.reconnect_min_s, settings.reconnect_max_s, rng)
+            delay = backoff.session_ended(loop.time() - session_started)
             logger.warning(
                 "MQTT connection lost (%s); reconnecting in %.1f s", conn.close_reason, delay
             )

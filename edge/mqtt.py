@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import platform
-import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,12 +40,12 @@ from edge.messages.mqtt import (
     SetReply,
 )
 from edge.mqtt_client import (
+    Backoff,
     Connection,
     Incoming,
     MqttAuthError,
     MqttError,
     MqttPublishRefusedError,
-    backoff_delay,
     run_until,
 )
 from edge.outbox import Outbox, OutboxItem
@@ -69,7 +68,6 @@ logger = logging.getLogger(__name__)
 EVENT_WINDOW = 64  # event messages in flight (sent, not yet acknowledged) at most
 STOP_DRAIN_S = 3.0  # on stop, how long to keep sending queued events before `stopped`
 STOPPED_ACK_TIMEOUT_S = 5.0
-STABLE_SESSION_S = 30.0  # a session that lasted this long resets the reconnect backoff
 RESYNC_S = 5.0  # look at the event log even without a wake-up (e.g. after a bus overflow)
 MAX_COMMAND_BYTES = 64 * 1024
 COMMAND_ECHO_CHARS = 200
@@ -139,7 +137,6 @@ class MqttPublisher:
         # `start`, which is then already in the outbox (the bus is read in order).
         self._ends_released = 0
         self._cpu = CpuMeter()
-        self._rng = random.Random()
         self.connections = 0  # successful connects so far (for tests and logs)
         runtime.add_listener(self._on_settings_changed)
 
@@ -168,8 +165,8 @@ class MqttPublisher:
             self.outbox.close()
 
     async def _supervise(self, stop: asyncio.Event) -> None:
-        attempt = 0
         mqtt = self._mqtt
+        backoff = Backoff(mqtt.reconnect_min_s, mqtt.reconnect_max_s)
         while not stop.is_set():
             assert self._loop is not None
             try:
@@ -194,13 +191,10 @@ class MqttPublisher:
                 return
             except MqttError as exc:
                 await conn.close()
-                delay = backoff_delay(
-                    attempt, mqtt.reconnect_min_s, mqtt.reconnect_max_s, self._rng
-                )
-                log = logger.warning if attempt == 0 else logger.info
+                log = logger.warning if backoff.attempt == 0 else logger.info
+                delay = backoff.connect_failed()
                 # str(): a logged exception object would keep its traceback (and sockets) alive.
                 log("MQTT: %s; retrying in %.1f s", str(exc), delay)
-                attempt += 1
                 await sleep_unless(stop, delay)
                 continue
             if stop.is_set():
@@ -217,16 +211,10 @@ class MqttPublisher:
                 self.outbox.rewind()
                 await conn.close()
             if not stop.is_set():
-                # A broker that accepts and then drops us at once (flapping, a refused event)
-                # must not be hammered: only a session that lasted resets the backoff.
-                stable = self._loop.time() - session_started > STABLE_SESSION_S
-                attempt = 0 if stable and not self._refused.is_set() else attempt + 1
-                if self._refused.is_set():
-                    attempt = max(attempt, 30)  # the longest delay: an operator must act
-                self._refused.clear()
-                delay = backoff_delay(
-                    attempt, mqtt.reconnect_min_s, mqtt.reconnect_max_s, self._rng
+                delay = backoff.session_ended(
+                    self._loop.time() - session_started, refused=self._refused.is_set()
                 )
+                self._refused.clear()
                 logger.warning(
                     "MQTT connection lost (%s); reconnecting in %.1f s", conn.close_reason, delay
                 )

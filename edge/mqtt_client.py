@@ -9,7 +9,7 @@ subclasses it for its own exceptions and messages: `Connection` here is the agen
 
 paho runs its own network thread (`loop_start`) with its automatic reconnect switched off
 (`reconnect_on_failure=False`): each side's supervisor decides when to reconnect (capped,
-jittered backoff: `backoff_delay`) and builds a fresh connection each time, so no half-dead
+jittered backoff: `Backoff`) and builds a fresh connection each time, so no half-dead
 session state survives a drop; the agent's outbox resends whatever was not acknowledged.
 
 Callbacks named `_on_*` run on paho's thread and reach the loop only through
@@ -62,6 +62,46 @@ def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) 
     in lockstep after a broker restart: a delay in [cap/2, cap]."""
     cap = min(max_s, min_s * 2.0 ** min(attempt, 30))
     return cap / 2.0 + rng.uniform(0.0, cap / 2.0)
+
+
+# A session that lasted this long resets the reconnect backoff; a shorter one counts as a
+# failed attempt, so a broker that accepts and then drops a client at once (flapping, another
+# client with the same client id, a refused message) is not hammered.
+STABLE_SESSION_S = 30.0
+# After the broker refused what was sent, the longest wait: an operator must act.
+_REFUSED_ATTEMPT = 30
+
+
+class Backoff:
+    """When to try the broker again, for the agent's and the controller's supervisors alike.
+
+    Each failed connect doubles the wait (`backoff_delay`, from `min_s` up to `max_s`); only a
+    session that lasted `STABLE_SESSION_S` starts again from `min_s`.
+    """
+
+    def __init__(self, min_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        self.min_s = min_s
+        self.max_s = max_s
+        self.attempt = 0  # failures in a row: connects, or sessions that did not last
+        self._rng = rng or random.Random()
+
+    def connect_failed(self) -> float:
+        """Seconds to wait after a connect that did not succeed."""
+        return self._next()
+
+    def session_ended(self, lasted_s: float, *, refused: bool = False) -> float:
+        """Seconds to wait after a session that lasted `lasted_s` ended; `refused`: the broker
+        refused what the client sent (the longest wait)."""
+        if refused:
+            self.attempt = max(self.attempt, _REFUSED_ATTEMPT)
+        elif lasted_s >= STABLE_SESSION_S:
+            self.attempt = 0
+        return self._next()
+
+    def _next(self) -> float:
+        delay = backoff_delay(self.attempt, self.min_s, self.max_s, self._rng)
+        self.attempt += 1
+        return delay
 
 
 async def run_until(awaitable: Awaitable[T], *events: asyncio.Event) -> T | None:

@@ -1,14 +1,23 @@
 """Store and forward: events that happen while the broker is away, across an agent restart,
-all arrive once it returns, in seq order; a crash of the agent publishes `offline`."""
+all arrive once it returns, in seq order; a crash of the agent publishes `offline`; a broker
+that drops a client at once after each connect is not hammered, by either side."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from controller.mqtt import Connection as ControllerConnection
+from controller.mqtt import supervise
+from controller.settings import ControllerMqttSettings
 from edge.messages.mqtt import EventEndMessage, HealthMessage, parse_event_message
 from edge.topics import DeviceTopics
 from tests.fixtures.broker import Broker, MqttRecorder, Received
@@ -108,3 +117,95 @@ async def test_wrong_credentials_stop_the_retries_but_not_the_agent(
     assert not agent.task.done()
     await agent.stop_clean()
     assert agent.publisher.outbox.depth == 2
+
+
+def take_over(broker: Broker, user: str, client_id: str) -> None:
+    """Connect as `client_id` (the broker then drops the client that had it) and leave."""
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5
+    )
+    client.username_pw_set(user, broker.users[user])
+    client.connect(broker.host, broker.port, keepalive=30)
+    client.loop_start()
+    deadline = time.monotonic() + 10.0
+    while not client.is_connected():
+        assert time.monotonic() < deadline, "no CONNACK for the taking-over client"
+        time.sleep(0.01)
+    client.disconnect()
+    client.loop_stop()
+
+
+RECONNECT_DELAY = re.compile(r"MQTT connection lost \(.*\); reconnecting in ([0-9.]+) s")
+
+
+@pytest.mark.parametrize("side", ["agent", "controller"])
+async def test_a_client_dropped_right_after_each_connect_backs_off(
+    side: str, tmp_path: Path, broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another client with the same client id (a copied configuration) takes the session over
+    each time: the waits between reconnects grow instead of staying at the shortest."""
+    caplog.set_level(logging.INFO)
+    min_s, kicks = 0.2, 4
+    connected: asyncio.Queue[None] = asyncio.Queue()
+    stop = asyncio.Event()
+    finish: Callable[[], Awaitable[None]]
+    if side == "agent":
+        settings = agent_settings(tmp_path, broker, reconnect_min_s=min_s, reconnect_max_s=5.0)
+        agent = AgentUnderTest.build(settings)
+        user, client_id = "dev-a", agent.publisher.client_id
+        agent.start()
+
+        async def count_connections() -> None:
+            seen = 0
+            while True:
+                if agent.publisher.connections > seen:
+                    seen += 1
+                    connected.put_nowait(None)
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.create_task(count_connections())
+
+        async def finish_agent() -> None:
+            watcher.cancel()
+            await agent.stop_clean()
+
+        finish = finish_agent
+    else:
+        controller_settings = ControllerMqttSettings(
+            host=broker.host,
+            port=broker.port,
+            username="controller",
+            password=broker.users["controller"],
+            reconnect_min_s=min_s,
+            reconnect_max_s=5.0,
+        )
+        user, client_id = "controller", "t-flapping-controller"
+
+        async def session(conn: ControllerConnection) -> None:
+            connected.put_nowait(None)
+            await asyncio.Event().wait()
+
+        task = asyncio.create_task(
+            supervise(controller_settings, client_id, ["soundedge/+/status"], session, stop)
+        )
+
+        async def finish_controller() -> None:
+            stop.set()
+            await task
+
+        finish = finish_controller
+    try:
+        for _ in range(kicks):
+            async with asyncio.timeout(30):
+                await connected.get()
+            await asyncio.to_thread(take_over, broker, user, client_id)
+        async with asyncio.timeout(30):
+            await connected.get()  # back after the last drop
+    finally:
+        await finish()
+    delays = [float(m[1]) for r in caplog.records if (m := RECONNECT_DELAY.search(r.getMessage()))]
+    assert len(delays) == kicks, delays
+    # Each drop counts as a failure: the k-th wait is in [min * 2**k / 2, min * 2**k] (the log
+    # rounds it to 0.1 s).
+    for k, delay in enumerate(delays):
+        assert min_s * 2**k / 2 - 0.05 <= delay <= min_s * 2**k + 0.05, (k, delays)

@@ -29,7 +29,14 @@ from edge.messages.mqtt import (
     parse_event_message,
 )
 from edge.mqtt import runtime_view
-from edge.mqtt_client import Connection, MqttBridge, backoff_delay, run_until
+from edge.mqtt_client import (
+    STABLE_SESSION_S,
+    Backoff,
+    Connection,
+    MqttBridge,
+    backoff_delay,
+    run_until,
+)
 from edge.runtime import RuntimeConfig
 from edge.settings import DEVICE_ID_PATTERN, AgentSettings, MqttSettings
 from edge.topics import KINDS, DeviceTopics, fleet_filter, ha_config_topic, parse
@@ -62,6 +69,22 @@ def test_backoff_is_capped_and_jittered(attempt: int, low: float, high: float, s
     delay = backoff_delay(attempt, low, high, random.Random(seed))
     cap = min(high, low * 2.0**attempt)
     assert cap / 2 <= delay <= cap
+
+
+def test_backoff_grows_with_each_failure_until_a_session_lasts() -> None:
+    backoff = Backoff(1.0, 60.0, random.Random(7))
+
+    def within(delay: float, cap: float) -> bool:
+        return cap / 2 <= delay <= cap
+
+    assert within(backoff.connect_failed(), 1.0)
+    assert within(backoff.connect_failed(), 2.0)
+    # A session that ended before it lasted counts as one more failure.
+    assert within(backoff.session_ended(STABLE_SESSION_S / 2), 4.0)
+    assert within(backoff.session_ended(STABLE_SESSION_S), 1.0)  # it lasted: start again
+    assert within(backoff.connect_failed(), 2.0)
+    # The broker refused what was sent: the longest wait, even after a long session.
+    assert within(backoff.session_ended(3600.0, refused=True), 60.0)
 
 
 SIDES = ["agent", "controller"]
