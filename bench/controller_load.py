@@ -80,9 +80,12 @@ class SimAgent:
 
     async def start(self) -> None:
         from edge.mqtt_client import Connection
+        from edge.store import LogCompactor
         from edge.topics import DeviceTopics
 
         self.server_task = asyncio.create_task(self.server.run(self.stop))
+        # As the agent runs it: retention's deletions compact the event log now and then.
+        self.compactor_task = asyncio.create_task(LogCompactor(self.store).run(self.stop))
         await self.server.started.wait()
         self.url = f"ws://127.0.0.1:{self.server.port}"
         self.topics = DeviceTopics("soundedge", self.device_id)
@@ -150,6 +153,7 @@ class SimAgent:
         await self.conn.close()
         self.stop.set()
         await self.server_task
+        await self.compactor_task
         self.store.close()
 
 
