@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
+from typing import IO
 
 # Files being written carry this suffix (and a leading dot) until they are complete.
 PART_SUFFIX = ".part"
@@ -47,3 +49,37 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
     tmp.replace(path)
     fsync_dir(path.parent)
+
+
+def open_log(path: Path) -> IO[bytes]:
+    """Open a line log for `append_line`: appending, readable, unbuffered (a buffered writer
+    would keep what a failed write left over and write it before the next line)."""
+    return path.open("a+b", buffering=0)
+
+
+def append_line(handle: IO[bytes], line: bytes) -> int:
+    """Append `line` (ending in a newline) to a log opened by `open_log`, fsync it, and return
+    the offset where it starts. Raises OSError.
+
+    All or nothing: when the disk fills (or fails) part way, what was written is cut off
+    again, so the log ends with its last whole line. Should even that fail, the next line
+    starts on a line of its own: the cut one is then a bad line that readers skip.
+    """
+    fd = handle.fileno()
+    size = os.fstat(fd).st_size
+    start = size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        line = b"\n" + line
+        start += 1
+    view = memoryview(line)
+    try:
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written:])
+        os.fsync(fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        raise
+    return start

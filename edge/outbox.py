@@ -37,7 +37,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from edge.errors import StorageError
-from edge.fileio import fsync_dir, write_atomically
+from edge.fileio import append_line, fsync_dir, open_log, write_atomically
 from edge.messages.common import EventRecord
 from edge.messages.mqtt import EventEndMessage, EventStartMessage
 from edge.store import EventStore
@@ -135,7 +135,7 @@ class Outbox:
                 self._ends.clear()
                 self._ends_fetched = cursors["end"]
                 created = not self.starts_path.exists()
-                self._starts_handle = self.starts_path.open("ab")
+                self._starts_handle = open_log(self.starts_path)
                 if created:  # the new file's directory entry must survive a power cut too
                     fsync_dir(self.starts_path.parent)
         except OSError as exc:
@@ -198,9 +198,7 @@ class Outbox:
             if self._starts_handle is None:
                 raise StorageError("the MQTT outbox is not open")
             try:
-                self._starts_handle.write(line)
-                self._starts_handle.flush()
-                os.fsync(self._starts_handle.fileno())
+                append_line(self._starts_handle, line)
             except OSError as exc:
                 raise StorageError(f"cannot append to {self.starts_path}: {exc}") from exc
             self._starts.append(message)

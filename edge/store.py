@@ -50,7 +50,14 @@ from pydantic import ValidationError
 
 from edge.aio import sleep_unless
 from edge.errors import StorageError
-from edge.fileio import PART_SUFFIX, fsync_dir, sha256_of, write_atomically
+from edge.fileio import (
+    PART_SUFFIX,
+    append_line,
+    fsync_dir,
+    open_log,
+    sha256_of,
+    write_atomically,
+)
 from edge.messages.common import EVENT_ID_PATTERN, EventRecord
 from edge.settings import StorageSettings
 from edge.timeutil import compact_utc, iso_utc, utc_now
@@ -163,6 +170,7 @@ class _CompactionPlan:
     # and that log's size before the tail is appended.
     new_offsets: list[int] = field(default_factory=list)
     compacted_size: int = 0
+    installed: bool = False  # renamed over the log: memory follows the compacted log
 
 
 class EventStore:
@@ -203,6 +211,12 @@ class EventStore:
         """
         if self._log_handle is not None:
             return
+        # Reopened after close(): the log is read again from scratch, not on top of what was.
+        self._entries.clear()
+        self._by_seq.clear()
+        self._newest_seq = 0
+        self._compacted = _Compacted()
+        self._file_bytes = self._collected_files = 0
         try:
             self.events_dir.mkdir(parents=True, exist_ok=True)
             self.seq_path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +229,7 @@ class EventStore:
                     self.compact_path.unlink()
                 self._replay_log()
                 self._last_seq = max(self._last_seq, self._read_seq_file())
-                self._log_handle = self.log_path.open("ab")
+                self._log_handle = open_log(self.log_path)
                 self._reader = self.log_path.open("rb")
                 self._recover_files()
         except OSError as exc:
@@ -431,15 +445,9 @@ class EventStore:
         if self._log_handle is None:
             raise StorageError("the event store is not open")
         try:
-            # The size, not the handle's position: every append is flushed, and a failed one
-            # may have left part of a line behind.
-            offset = os.fstat(self._log_handle.fileno()).st_size
-            self._log_handle.write(line)
-            self._log_handle.flush()
-            os.fsync(self._log_handle.fileno())
+            return append_line(self._log_handle, line)
         except OSError as exc:
             raise StorageError(f"cannot append to {self.log_path}: {exc}") from exc
-        return offset
 
     def _event_line(self, entry: _Entry) -> bytes:
         """The log line of an entry's record (under the lock: compaction moves lines).
@@ -457,13 +465,31 @@ class EventStore:
             raise StorageError(f"cannot read {self.log_path}: {exc}") from exc
 
     def _record_of(self, entry: _Entry) -> EventRecord:
-        return _parse_event_line(self._event_line(entry))
+        return self._checked_record(entry.event_id, entry.offset, self._event_line(entry))
+
+    def _checked_record(self, event_id: str, offset: int, line: bytes) -> EventRecord:
+        """The record parsed from its line, which must be the event's: a wrong offset is a
+        StorageError, never another event's record (nor a crash of the reader)."""
+        try:
+            record = _parse_event_line(line)
+        except (ValueError, KeyError, TypeError) as exc:  # ValidationError is a ValueError
+            raise StorageError(
+                f"{self.log_path}: the record of event {event_id} at byte {offset} is "
+                f"unreadable: {exc}"
+            ) from exc
+        if record.event_id != event_id:
+            raise StorageError(
+                f"{self.log_path}: byte {offset} holds event {record.event_id}, not {event_id}"
+            )
+        return record
 
     def get(self, event_id: str) -> EventRecord | None:
         with self._lock:
             entry = self._entries.get(event_id)
-            line = self._event_line(entry) if entry else None
-        return _parse_event_line(line) if line else None
+            if entry is None:
+                return None
+            offset, line = entry.offset, self._event_line(entry)
+        return self._checked_record(event_id, offset, line)
 
     def file_for(self, event_id: str) -> Path | None:
         """The final path of an event's file, or None if the id is invalid, unknown or gone.
@@ -485,9 +511,12 @@ class EventStore:
         """
         with self._lock:
             first = bisect.bisect_right(self._by_seq, since_seq, key=lambda e: e.seq)
-            page = [self._event_line(e) for e in self._by_seq[first : first + max(limit, 0)]]
+            page = [
+                (e.event_id, e.offset, self._event_line(e))
+                for e in self._by_seq[first : first + max(limit, 0)]
+            ]
         # Parsed outside the lock: a page may be long.
-        return [_parse_event_line(line) for line in page]
+        return [self._checked_record(*item) for item in page]
 
     def count_since(self, since_seq: int) -> int:
         """How many records `records_since(since_seq, <no limit>)` would list, without them."""
@@ -542,13 +571,15 @@ class EventStore:
         with self._lock:
             report = RetentionReport()
             used = self._file_bytes + reserve_bytes
-            free = self.disk_free_bytes()
+            # Unknown (the disk-usage call failed): the size limits still hold, but no
+            # uncollected file goes for a free-space figure nobody measured.
+            free = self._free_bytes()
             soft = int(self.storage.max_disk_mb * MB)
             hard = int(self.storage.hard_limit_mb * MB)
             min_free = int(self.storage.min_free_mb * MB)
 
             def over(limit: int) -> bool:
-                return used > limit or free < min_free
+                return used > limit or (free is not None and free < min_free)
 
             for kind, limit in (("collected", soft), ("uncollected", hard)):
                 if not over(limit) or (kind == "collected" and self._collected_files == 0):
@@ -561,7 +592,7 @@ class EventStore:
                     size = entry.size_bytes
                     self._delete_file(entry, reason=f"retention ({kind})")
                     used -= size
-                    free += size
+                    free = None if free is None else free + size
                     if kind == "collected":
                         report.deleted_collected += 1
                         self.counters.files_deleted_collected += 1
@@ -590,10 +621,16 @@ class EventStore:
         logger.log(level, "deleted %s: %s", path.name, reason)
 
     def disk_free_bytes(self) -> int:
+        """Free bytes on the data disk; 0 when that cannot be told (as `health` reports it)."""
+        free = self._free_bytes()
+        return 0 if free is None else free
+
+    def _free_bytes(self) -> int | None:
         try:
             return shutil.disk_usage(self.data_dir).free
-        except OSError:
-            return 0
+        except OSError as exc:
+            logger.warning("cannot tell the free space of %s: %s", self.data_dir, exc)
+            return None
 
     def event_bytes(self) -> int:
         with self._lock:
@@ -628,6 +665,9 @@ class EventStore:
                 self._write_compacted(plan)
                 self._install_compacted(plan)
             except (OSError, StorageError) as exc:
+                if plan.installed:
+                    logger.error("compacted %s, but then: %s", self.log_path, exc)
+                    return len(plan.drop)
                 logger.error("could not compact %s (kept as it is): %s", self.log_path, exc)
                 with contextlib.suppress(OSError):
                     self.compact_path.unlink()
@@ -666,7 +706,6 @@ class EventStore:
                 + gone_uncollected,
                 records_dropped=self._compacted.records_dropped + len(drop),
             )
-            self._log_handle.flush()  # every append went through it: its size is the log's
             return _CompactionPlan(
                 keep=keep,
                 kept=[(e.offset, e.event_id, e.collected, e.file_present) for e in keep],
@@ -725,28 +764,55 @@ class EventStore:
                 self._reader.close()
             try:
                 self.compact_path.replace(self.log_path)
+            except OSError:
+                self._reopen_log()
+                raise
+            # From here the compacted log is the log: the offsets in memory must follow it,
+            # whatever fails next.
+            plan.installed = True
+            self._adopt_compacted(plan)
+            try:
                 fsync_dir(self.log_path.parent)
-            finally:
-                self._log_handle = self.log_path.open("ab")
-                self._reader = self.log_path.open("rb")
-            dropped = {id(e) for e in plan.drop}
-            self._by_seq = [e for e in self._by_seq if id(e) not in dropped]
-            # Kept records moved to where they were written; records added since the
-            # snapshot came with the tail.
-            moved = {id(e): new for e, new in zip(plan.keep, plan.new_offsets, strict=True)}
-            tail_shift = plan.compacted_size - plan.tail_offset
-            for entry in self._by_seq:
-                entry.offset = moved.get(id(entry), entry.offset + tail_shift)
-            for entry in plan.drop:
-                if self._entries.get(entry.event_id) is entry:
-                    del self._entries[entry.event_id]
-            self._compacted = plan.header
-            self.counters.records_dropped += len(plan.drop)
+            except OSError as exc:
+                # Either log is whole: a power cut now may bring back the old one.
+                logger.warning(
+                    "could not make the compaction of %s durable: %s", self.log_path, exc
+                )
+            self._reopen_log()
         logger.info(
             "event log compacted: %d old records dropped, %d kept",
             len(plan.drop),
             len(plan.kept),
         )
+
+    def _reopen_log(self) -> None:
+        """Open the log's handles again (under the lock). If that fails the store stays closed:
+        appends then fail with a StorageError instead of writing through a closed handle."""
+        self._log_handle = self._reader = None
+        try:
+            self._log_handle = open_log(self.log_path)
+            self._reader = self.log_path.open("rb")
+        except OSError as exc:
+            raise StorageError(
+                f"cannot open {self.log_path} again: {exc}; no event can be recorded until the "
+                "agent is restarted"
+            ) from exc
+
+    def _adopt_compacted(self, plan: _CompactionPlan) -> None:
+        """Forget the dropped records and move the kept ones to their new offsets."""
+        dropped = {id(e) for e in plan.drop}
+        self._by_seq = [e for e in self._by_seq if id(e) not in dropped]
+        # Kept records moved to where they were written; records added since the snapshot
+        # came with the tail.
+        moved = {id(e): new for e, new in zip(plan.keep, plan.new_offsets, strict=True)}
+        tail_shift = plan.compacted_size - plan.tail_offset
+        for entry in self._by_seq:
+            entry.offset = moved.get(id(entry), entry.offset + tail_shift)
+        for entry in plan.drop:
+            if self._entries.get(entry.event_id) is entry:
+                del self._entries[entry.event_id]
+        self._compacted = plan.header
+        self.counters.records_dropped += len(plan.drop)
 
 
 class LogCompactor:
