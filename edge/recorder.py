@@ -30,7 +30,7 @@ from edge.fileio import PART_SUFFIX, sha256_of
 from edge.messages.common import EventFile, EventRecord
 from edge.ring import AudioBlock
 from edge.settings import DetectorSettings, RecordingSettings
-from edge.store import event_file_name, part_path
+from edge.store import event_file_name, is_valid_event_id, part_path
 from edge.timeutil import iso_utc
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class EventWriter:
         self._file.title = f"soundedge event {self.meta.seq} on {self.meta.device_id}"
         self._file.date = iso_utc(self.meta.onset_time)
         self._file.software = f"soundedge {__version__}"
-        self._file.comment = f"event_id={self.meta.event_id} seq={self.meta.seq}"
+        self._file.comment = _identity_comment(self.meta.event_id, self.meta.seq)
         # libsndfile writes a WAV header with size 0 until close; flush it now so that a
         # crash mid-event leaves a file salvage can read.
         self._file.flush()
@@ -222,6 +222,20 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _identity_comment(event_id: str, seq: int) -> str:
+    """The text field written when an event's file is opened: a crash leaves it readable."""
+    return f"event_id={event_id} seq={seq}"
+
+
+def _event_id_from_comment(comment: str, seq: int) -> str | None:
+    """The event id a partial file's comment names, if it is that of event `seq`."""
+    fields = dict(part.partition("=")[::2] for part in comment.split())
+    event_id = fields.get("event_id")
+    if fields.get("seq") != str(seq) or not is_valid_event_id(event_id):
+        return None
+    return event_id
+
+
 def salvage_partial_file(pending: Path, device_id: str) -> EventRecord | None:
     """Turn a `.part` file left by a crash into a finished event record, if it holds audio.
 
@@ -240,6 +254,8 @@ def salvage_partial_file(pending: Path, device_id: str) -> EventRecord | None:
     try:
         data, samplerate = sf.read(str(pending), dtype="float32", always_2d=True)
         info = sf.info(str(pending))
+        with sf.SoundFile(str(pending)) as partial:
+            comment = partial.comment
     except (RuntimeError, sf.LibsndfileError) as exc:
         raise StorageError(f"{pending.name} cannot be read: {exc}") from exc
     if data.shape[0] == 0:
@@ -252,7 +268,8 @@ def salvage_partial_file(pending: Path, device_id: str) -> EventRecord | None:
         post_roll_s=0.0,
     )
     meta = EventMeta(
-        event_id=new_event_id(),
+        # The id its `start` message already carried: the controller then sees one event.
+        event_id=_event_id_from_comment(comment, seq) or new_event_id(),
         seq=seq,
         device_id=name_device or device_id,
         onset_time=onset,

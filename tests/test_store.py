@@ -10,9 +10,10 @@ from pathlib import Path
 import soundfile as sf
 
 from edge.fileio import sha256_of
-from edge.recorder import new_event_id, read_guano
+from edge.recorder import EventMeta, EventWriter, new_event_id, read_guano
+from edge.settings import DetectorSettings, RecordingSettings
 from edge.store import EventStore, event_file_name
-from tests.helpers import SAMPLERATE, record_event
+from tests.helpers import SAMPLERATE, record_event, tone
 
 Opener = Callable[..., EventStore]
 
@@ -120,6 +121,8 @@ def test_partial_file_without_record_is_salvaged_not_dropped(
     reopened = store_opener(tmp_path)
     salvaged = reopened.records_since(record.seq, 10)
     assert [r.seq for r in salvaged] == [9]
+    # Not a copy of event 1's file: its comment names another seq, so the id is a new one.
+    assert salvaged[0].event_id != record.event_id
     assert salvaged[0].clock_uncertain
     assert salvaged[0].file is not None
     path = reopened.path_of(salvaged[0])
@@ -209,3 +212,25 @@ def test_records_in_memory_are_small_and_the_log_is_never_read_whole(
     assert reopened.get(record.event_id) == record
     assert held / count < 768, f"{held / count:.0f} bytes per record"
     assert peak - held < log_bytes / 4, f"peak {peak - held} bytes above what is held"
+
+
+def test_a_salvaged_event_keeps_the_id_its_start_message_carried(
+    tmp_path: Path, store_opener: Opener
+) -> None:
+    store = store_opener(tmp_path)
+    onset = datetime(2026, 11, 25, 12, 0, 9, tzinfo=UTC)
+    meta = EventMeta(
+        event_id=new_event_id(), seq=store.reserve_seq(), device_id=store.device_id,
+        onset_time=onset, file_start_time=onset, samplerate=SAMPLERATE, channels=1,
+        recording=RecordingSettings(format="wav"),
+        detector=DetectorSettings(),
+    )  # fmt: skip
+    writer = EventWriter(meta, store.directory_for(onset))
+    writer.open()
+    writer.write(tone(0.5))
+    writer._file.flush()  # what a kill -9 in the middle of the event leaves on disk
+    store.close()
+    reopened = store_opener(tmp_path)
+    (salvaged,) = reopened.records_since(0, 10)
+    assert (salvaged.event_id, salvaged.seq) == (meta.event_id, meta.seq)
+    assert reopened.counters.files_salvaged == 1

@@ -104,6 +104,8 @@ async def test_agent_killed_while_writing_an_event_file(ledger: Ledger) -> None:
     seqs = [r["seq"] for r in dev_a.records()]
     assert seqs == sorted(seqs)
     assert len(seqs) == len(set(seqs))
+    # The salvaged event kept the id its `start` carried: no event is left half known.
+    assert set(ledger.ends.start_ids("dev-a")) <= {r["event_id"] for r in dev_a.records()}
 
 
 async def test_network_between_controller_and_one_agent_cut_and_restored(
