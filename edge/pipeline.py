@@ -344,7 +344,10 @@ class Pipeline:
         # Writer thread. Make room first, so a full disk costs old collected files, not this one.
         expected = int(self._runtime.settings.detector.max_event_s * self._samplerate * 2)
         self._store.enforce_retention(reserve_bytes=expected * self._channels)
-        writer.open()
+        try:
+            writer.open()
+        except StorageError as exc:  # its future is not awaited: say it here
+            logger.error("event %d: %s", writer.meta.seq, exc)
 
     def _feed(self, block: AudioBlock, block_start: int, block_end: int) -> None:
         """Give every open recording its frames up to the end of this block."""

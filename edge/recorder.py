@@ -26,7 +26,7 @@ import soundfile as sf
 
 from edge import __version__
 from edge.errors import StorageError
-from edge.fileio import PART_SUFFIX, sha256_of
+from edge.fileio import PART_SUFFIX, fsync_dir, sha256_of
 from edge.messages.common import EventFile, EventRecord
 from edge.ring import AudioBlock
 from edge.settings import DetectorSettings, RecordingSettings
@@ -69,11 +69,18 @@ class EventWriter:
         )
         self.part_path = part_path(self.final_path)
         self.frames_written = 0
+        # The first failure to create or write the file (a full disk): the file ends there, and
+        # nothing after it is written (a later block would splice the sound).
+        self.error: StorageError | None = None
         self._file: Any = None
 
     def open(self) -> None:
+        """Create the `.part` file. Raises StorageError (also kept in `error`)."""
         try:
-            self.part_path.parent.mkdir(parents=True, exist_ok=True)
+            day = self.part_path.parent
+            if not day.is_dir():
+                day.mkdir(parents=True, exist_ok=True)
+                fsync_dir(day.parent)  # the new day's entry must survive a power cut too
             self._file = sf.SoundFile(
                 str(self.part_path),
                 mode="w",
@@ -83,7 +90,8 @@ class EventWriter:
                 format=_SF_FORMAT[self.meta.recording.format],
             )
         except (OSError, RuntimeError, sf.LibsndfileError) as exc:
-            raise StorageError(f"cannot create {self.part_path}: {exc}") from exc
+            self.error = StorageError(f"cannot create {self.part_path}: {exc}")
+            raise self.error from exc
         self._file.title = f"soundedge event {self.meta.seq} on {self.meta.device_id}"
         self._file.date = iso_utc(self.meta.onset_time)
         self._file.software = f"soundedge {__version__}"
@@ -93,12 +101,20 @@ class EventWriter:
         self._file.flush()
 
     def write(self, block: AudioBlock) -> None:
+        if self.error is not None:
+            return  # the file ends at the first failure, said once
         if self._file is None:
             raise StorageError(f"{self.part_path.name} is not open")
         try:
             self._file.write(block)
         except (OSError, RuntimeError, sf.LibsndfileError) as exc:
-            raise StorageError(f"cannot write {self.part_path}: {exc}") from exc
+            self.error = StorageError(f"cannot write {self.part_path}: {exc}")
+            logger.error(
+                "event %d: %s; its file ends here, the event goes on without it",
+                self.meta.seq,
+                self.error,
+            )
+            return
         self.frames_written += block.shape[0]
 
     def finish(
@@ -110,8 +126,16 @@ class EventWriter:
         split: bool,
         clock_uncertain: bool,
     ) -> EventRecord:
-        """Close, add metadata, fsync and checksum; the record for the store to log."""
+        """Close, add metadata, fsync and checksum; the record for the store to log.
+
+        If the file could not even be created, the record has no file: the event is still
+        told (its `end` says it has none) rather than lost with it.
+        """
+        event_s = max(0.0, (offset_time - self.meta.onset_time).total_seconds())
+        levels = (peak_dbfs, noise_floor_dbfs, split, clock_uncertain)
         if self._file is None:
+            if self.error is not None and not self.part_path.exists():
+                return self._record(offset_time, event_s, 0.0, 0.0, *levels, file=None)
             raise StorageError(f"{self.part_path.name} is not open")
         try:
             self._file.close()
@@ -119,9 +143,15 @@ class EventWriter:
             raise StorageError(f"cannot close {self.part_path}: {exc}") from exc
         self._file = None
         meta = self.meta
-        duration_s = self.frames_written / meta.samplerate
+        frames = self.frames_written
+        if self.error is not None:
+            # Part of the failed block may have been written: the file says how much.
+            try:
+                frames = sf.info(str(self.part_path)).frames
+            except (RuntimeError, sf.LibsndfileError) as exc:
+                raise StorageError(f"cannot read back {self.part_path}: {exc}") from exc
+        duration_s = frames / meta.samplerate
         pre_roll_s = max(0.0, (meta.onset_time - meta.file_start_time).total_seconds())
-        event_s = max(0.0, (offset_time - meta.onset_time).total_seconds())
         post_roll_s = max(0.0, duration_s - pre_roll_s - event_s)
         if meta.recording.format == "wav":
             guano_md = _guano_metadata(
@@ -138,6 +168,22 @@ class EventWriter:
             samplerate=meta.samplerate,
             channels=meta.channels,
         )
+        return self._record(offset_time, event_s, pre_roll_s, post_roll_s, *levels, file=file)
+
+    def _record(
+        self,
+        offset_time: datetime,
+        event_s: float,
+        pre_roll_s: float,
+        post_roll_s: float,
+        peak_dbfs: float,
+        noise_floor_dbfs: float,
+        split: bool,
+        clock_uncertain: bool,
+        *,
+        file: EventFile | None,
+    ) -> EventRecord:
+        meta = self.meta
         return EventRecord(
             event_id=meta.event_id,
             seq=meta.seq,

@@ -1,5 +1,6 @@
-"""The event store when the disk fails it: a full disk in the middle of an append, an error
-after compaction's rename, a free-space figure that cannot be read. Real files throughout; the
+"""The event store and files when the disk fails them: a full disk in the middle of a log
+append or of an event file, an error after compaction's rename, a free-space figure that cannot
+be read, a day directory that cannot be made. Real files throughout; the
 full disk is the kernel's own short write under RLIMIT_FSIZE (EFBIG, the same path as ENOSPC).
 """
 
@@ -10,18 +11,21 @@ import os
 import resource
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 import edge.store as store_module
 from edge.errors import StorageError
-from edge.fileio import append_line, open_log
+from edge.fileio import append_line, open_log, sha256_of
 from edge.messages.common import EventRecord
-from edge.recorder import new_event_id
+from edge.recorder import EventMeta, EventWriter, new_event_id
+from edge.settings import DetectorSettings, RecordingSettings
 from edge.store import EventStore
-from tests.helpers import record_event
+from tests.helpers import SAMPLERATE, record_event
 
 Opener = Callable[..., EventStore]
 
@@ -157,3 +161,62 @@ def test_a_store_opened_again_after_close_lists_each_record_once(
     assert [r.event_id for r in store.records_since(0, 10)] == [r.event_id for r in records]
     assert store.event_bytes() == bytes_before
     assert os.path.getsize(store.log_path) > 0
+
+
+def event_writer(store: EventStore, seq: int) -> EventWriter:
+    meta = EventMeta(
+        event_id=new_event_id(), seq=seq, device_id=store.device_id, onset_time=ONSET,
+        file_start_time=ONSET, samplerate=SAMPLERATE, channels=1,
+        recording=RecordingSettings(), detector=DetectorSettings(),
+    )  # fmt: skip
+    return EventWriter(meta, store.directory_for(ONSET))
+
+
+def finish(writer: EventWriter) -> EventRecord:
+    return writer.finish(
+        offset_time=ONSET + timedelta(seconds=0.1), peak_dbfs=-6.0, noise_floor_dbfs=-60.0,
+        split=False, clock_uncertain=False,
+    )  # fmt: skip
+
+
+def test_a_full_disk_while_an_event_is_written_ends_its_file_there_and_never_splices_it(
+    tmp_path: Path, store_opener: Opener, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = store_opener(tmp_path)
+    writer = event_writer(store, store.reserve_seq())
+    writer.open()
+    block = np.ones((1600, 1), dtype=np.float32)
+    writer.write(0.25 * block)
+    size = writer.part_path.stat().st_size
+    with file_size_limit(size + 1000):  # room for 500 of the next 1600 frames
+        writer.write(0.5 * block)
+    writer.write(0.75 * block)  # room again (retention freed some): it must not follow
+    record = finish(writer)
+    store.add(record, writer.part_path)
+    audio, _ = sf.read(store.path_of(record), dtype="float32")
+    assert not np.any(np.isclose(audio, 0.75, atol=1e-3))
+    assert np.allclose(audio[:1600], 0.25, atol=1e-3)
+    assert 1600 < audio.size < 3200
+    assert np.allclose(audio[1600:], 0.5, atol=1e-3)
+    assert record.file is not None
+    assert record.file.duration_s == audio.size / SAMPLERATE
+    assert sha256_of(store.path_of(record)) == record.file.sha256
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert "its file ends here" in errors[0].getMessage()
+
+
+def test_an_event_whose_file_cannot_be_created_is_kept_without_one(
+    tmp_path: Path, store_opener: Opener
+) -> None:
+    store = store_opener(tmp_path)
+    writer = event_writer(store, store.reserve_seq())
+    store.directory_for(ONSET).parent.mkdir(parents=True, exist_ok=True)
+    store.directory_for(ONSET).write_bytes(b"")  # a file where the day's directory goes
+    with pytest.raises(StorageError, match="cannot create"):
+        writer.open()
+    writer.write(np.ones((1600, 1), dtype=np.float32))  # said once already: no error per block
+    record = finish(writer)
+    store.add(record, writer.part_path)
+    assert record.file is None
+    assert store.get(record.event_id) == record
