@@ -56,6 +56,11 @@ logger = logging.getLogger(__name__)
 
 LIST_PAGE_SIZE = 500
 STOP_GRACE_S = 15.0  # on stop, how long downloads in progress may take to finish
+# The only answers to a `get` that write an event off (`unavailable`, done; the catch-up cursor
+# moves past it): the agent never recorded it, or the file it recorded is no longer there. Every
+# other code is retried, `internal` above all: the agent could not read a file it still holds
+# (EMFILE, EIO, ...), and giving up on it would leave it uncollected there until retention
+# deletes it. (Older agents answered such read errors with `file_unavailable` too.)
 GONE_CODES = frozenset({ErrorCode.UNKNOWN_EVENT, ErrorCode.FILE_UNAVAILABLE})
 
 

@@ -43,6 +43,13 @@ from edge.wssession import (
 
 logger = logging.getLogger(__name__)
 
+# Connections without a token in the Authorization header are upgraded so that they can send it
+# in `hello`; until it checks out they are strangers. They get slots of their own, this many at
+# once, and count toward `max_clients` only once authenticated: strangers holding idle
+# connections open (each for up to hello_timeout_s) can then crowd out other clients that send
+# the token in hello, never a controller that sends it in the header.
+MAX_UNAUTHENTICATED_CONNECTIONS = 4
+
 
 class WsServer:
     """Serves controllers over ws:// or wss://; run as one task of the agent's TaskGroup."""
@@ -64,7 +71,8 @@ class WsServer:
         self.started = asyncio.Event()
         self.port: int | None = None
         self._token = configured_token(settings.token)
-        self._sessions: set[Session] = set()
+        self._sessions: set[Session] = set()  # authenticated: at most max_clients
+        self._unauthenticated: set[Session] = set()  # waiting for hello.token
 
     @property
     def tls(self) -> bool:
@@ -90,7 +98,12 @@ class WsServer:
 
     @property
     def client_count(self) -> int:
-        return len(self._sessions)
+        """Connections being served, authenticated or still waiting for hello."""
+        return len(self._sessions) + len(self._unauthenticated)
+
+    @property
+    def unauthenticated_count(self) -> int:
+        return len(self._unauthenticated)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then close every connection with 1001 and return."""
@@ -141,8 +154,8 @@ class WsServer:
             async with asyncio.timeout(min(self.settings.ping_timeout_s, 10.0)):
                 await server.wait_closed()
         except TimeoutError:
-            logger.warning("dropping %d clients that did not close in time", len(self._sessions))
-            for session in list(self._sessions):
+            logger.warning("dropping %d clients that did not close in time", self.client_count)
+            for session in [*self._sessions, *self._unauthenticated]:
                 session.ws.transport.abort()
             await server.wait_closed()
 
@@ -182,18 +195,20 @@ class WsServer:
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
-        if len(self._sessions) >= self.settings.max_clients:
-            self.stats.refused += 1
-            logger.warning("refused a client from %s: max_clients reached", ws.remote_address)
-            await close_with_error(
+        # A wrong header token was refused before the upgrade: a header here is the right one.
+        authenticated = ws.request is not None and self.headers_token_ok(ws.request.headers)
+        if authenticated and len(self._sessions) >= self.settings.max_clients:
+            await self._refuse(ws, self._max_clients_message())
+            return
+        if not authenticated and len(self._unauthenticated) >= MAX_UNAUTHENTICATED_CONNECTIONS:
+            await self._refuse(
                 ws,
-                ErrorCode.TOO_MANY_CLIENTS,
-                f"this agent serves at most {self.settings.max_clients} clients at once",
-                CloseCode.TRY_AGAIN_LATER,
+                f"this agent holds at most {MAX_UNAUTHENTICATED_CONNECTIONS} connections waiting "
+                "for hello.token at once; send the token in the Authorization header",
             )
             return
         session = Session(self, ws)
-        self._sessions.add(session)
+        (self._sessions if authenticated else self._unauthenticated).add(session)
         self.stats.connections += 1
         try:
             await session.run()
@@ -208,7 +223,28 @@ class WsServer:
             )
         finally:
             self._sessions.discard(session)
+            self._unauthenticated.discard(session)
             logger.info("client %s disconnected (code %s)", session.name, ws.close_code)
+
+    async def _refuse(self, ws: ServerConnection, message: str) -> None:
+        self.stats.refused += 1
+        logger.warning("refused a client from %s: %s", ws.remote_address, message)
+        await close_with_error(ws, ErrorCode.TOO_MANY_CLIENTS, message, CloseCode.TRY_AGAIN_LATER)
+
+    def _max_clients_message(self) -> str:
+        return f"this agent serves at most {self.settings.max_clients} clients at once"
+
+    def admit(self, session: Session) -> str | None:
+        """Count a session that has authenticated toward max_clients; None if admitted, else
+        why not (the session is then to be closed with `too_many_clients`)."""
+        if session in self._sessions:
+            return None  # authenticated by its header, counted since the upgrade
+        if len(self._sessions) >= self.settings.max_clients:
+            self.stats.refused += 1
+            return self._max_clients_message()
+        self._unauthenticated.discard(session)
+        self._sessions.add(session)
+        return None
 
     def headers_token_ok(self, headers: Headers) -> bool:
         return token_matches(self._token, bearer_token(headers.get("Authorization")))

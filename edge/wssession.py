@@ -196,6 +196,8 @@ class Session:
                 "missing or wrong token (Authorization: Bearer header or hello.token)",
                 CloseCode.UNAUTHORIZED,
             )
+        if (refusal := self.server.admit(self)) is not None:
+            await self._fail(ErrorCode.TOO_MANY_CLIENTS, refusal, CloseCode.TRY_AGAIN_LATER)
         protocol = data.get("protocol")
         if protocol not in SUPPORTED_PROTOCOLS or isinstance(protocol, bool):
             supported = ", ".join(str(v) for v in sorted(SUPPORTED_PROTOCOLS))
@@ -471,20 +473,31 @@ class Session:
             await self._send(self._control.get_nowait())
 
     async def _send_file(self, job: Transfer) -> None:
-        """Send one file from job.offset, reading lazily; replies interleave between chunks."""
-        record = await asyncio.to_thread(self.store.get, job.event_id)
-        path = await asyncio.to_thread(self.store.file_for, job.event_id)
+        """Send one file from job.offset, reading lazily; replies interleave between chunks.
+
+        `file_unavailable` is final for the client: it is sent only when the file the log
+        recorded is no longer there (see `_is_lost`). A read that fails for a reason that can
+        pass (EMFILE, EIO from a flaky card, ...) gets a non-fatal `internal` error, which
+        clients retry: the file stays on the agent, uncollected, and must not be written off.
+        """
+        try:
+            record = await asyncio.to_thread(self.store.get, job.event_id)
+            path = await asyncio.to_thread(self.store.file_for, job.event_id)
+        except StorageError as exc:
+            logger.error("cannot look up event %s for a transfer: %s", job.event_id, exc)
+            await self._send_error(
+                ErrorCode.INTERNAL,
+                f"the agent could not read its record of event {job.event_id}; try again later",
+                job.request_id,
+            )
+            return
         if record is None:
             await self._send_error(
                 ErrorCode.UNKNOWN_EVENT, f"no event {job.event_id}", job.request_id
             )
             return
         if path is None or record.file is None:
-            await self._send_error(
-                ErrorCode.FILE_UNAVAILABLE,
-                f"the file of event {job.event_id} is gone (retention or loss)",
-                job.request_id,
-            )
+            await self._send_gone(job)
             return
         size = record.file.size_bytes
         if job.offset > size:
@@ -498,21 +511,32 @@ class Session:
             handle = await open_in_thread(path, self.store.events_dir, size, job.offset)
         except OSError as exc:
             logger.error("cannot send %s: %s", path.name, exc)
-            await self._send_error(
-                ErrorCode.FILE_UNAVAILABLE,
-                f"cannot read the file of event {job.event_id}",
-                job.request_id,
-            )
+            await self._send_read_failed(job, exc, f"cannot read the file of event {job.event_id}")
             return
         try:
             await self._stream(job, record, handle, size)  # closes the handle
         except OSError as exc:
             logger.error("reading %s failed during a transfer: %s", path.name, exc)
-            await self._send_error(
-                ErrorCode.FILE_UNAVAILABLE,
+            await self._send_read_failed(
+                job,
+                exc,
                 f"reading the file of event {job.event_id} failed; the transfer is aborted",
-                job.request_id,
             )
+
+    async def _send_gone(self, job: Transfer) -> None:
+        await self._send_error(
+            ErrorCode.FILE_UNAVAILABLE,
+            f"the file of event {job.event_id} is gone (retention or loss)",
+            job.request_id,
+        )
+
+    async def _send_read_failed(self, job: Transfer, exc: OSError, message: str) -> None:
+        """The answer to an OSError while opening or reading a file the store held."""
+        if _is_lost(exc) or await asyncio.to_thread(self.store.file_for, job.event_id) is None:
+            # Lost on disk, or deleted by retention since the look-up.
+            await self._send_error(ErrorCode.FILE_UNAVAILABLE, message, job.request_id)
+            return
+        await self._send_error(ErrorCode.INTERNAL, f"{message}; try again later", job.request_id)
 
     async def _stream(
         self, job: Transfer, record: EventRecord, handle: IO[bytes], size: int
@@ -577,6 +601,16 @@ class Session:
         await self._send(end.model_dump_json())
         self.server.stats.files_sent += 1
         logger.debug("sent %s to %s from byte %d", record.file.name, self.name, job.offset)
+
+
+def _is_lost(exc: OSError) -> bool:
+    """Whether an OSError from opening or reading an event file means the file the log
+    recorded is no longer there, for good: the file is missing, or `edge.wsfiles` found one
+    that is not it (outside the event directory, another size, ending early: those checks
+    raise an OSError without an errno). Errors from the system with an errno (EMFILE, ENFILE,
+    EIO, EACCES, ...) can pass, and the client is to try again.
+    """
+    return isinstance(exc, FileNotFoundError) or exc.errno is None
 
 
 def _parse_json(raw: str) -> object:
