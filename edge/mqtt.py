@@ -4,10 +4,11 @@
 capped, jittered exponential backoff (forever, except after an authentication failure) and
 runs one session per connection: it subscribes to `set` (and waits for the SUBACK), announces
 `online`, `info`, `config` and Home Assistant discovery, sends the outbox in order and publishes
-health and level periodically. Event messages always go through the durable outbox (`edge.outbox`) and leave it
-only at the broker's PUBACK, so the pipeline never waits for the broker and nothing is lost
-while it is away. On `stop` the session sends what it can for a moment, publishes `stopped`
-and disconnects cleanly (so the broker does not publish the `offline` last will).
+health and level periodically. Event messages always go through the durable outbox
+(`edge.outbox`) and leave it only at the broker's PUBACK, so the pipeline never waits for the
+broker and nothing is lost while it is away. On `stop` the session sends what it can for a
+moment, publishes `stopped` and disconnects cleanly (so the broker does not publish the
+`offline` last will).
 """
 
 from __future__ import annotations

@@ -25,6 +25,12 @@ from websockets.protocol import State
 
 logger = logging.getLogger(__name__)
 
+
+class NotTheRecordedFileError(OSError):
+    """The file on disk is not the one the event log recorded (another size, ending early,
+    outside the event directory): it will not come back, unlike an error from the system."""
+
+
 _FIN_BINARY = 0x82  # FIN bit + opcode 2 (binary); a server's frames are not masked
 
 
@@ -86,7 +92,7 @@ class FileFrames:
         ):
             return False
         if os.fstat(self._file_fd).st_size < offset + count:
-            raise OSError(f"the file is shorter than {offset + count} bytes")
+            raise NotTheRecordedFileError(f"the file is shorter than {offset + count} bytes")
         self._read_ahead(offset + count, count)
         transport.write(binary_frame_header(count))
         try:
@@ -131,7 +137,7 @@ class FileFrames:
     def _pread(self, offset: int, count: int) -> bytes:
         data = os.pread(self._file_fd, count, offset)
         if len(data) != count:
-            raise OSError(f"the file ended {count - len(data)} bytes early")
+            raise NotTheRecordedFileError(f"the file ended {count - len(data)} bytes early")
         return data
 
     def _read_ahead(self, offset: int, count: int) -> None:
@@ -174,7 +180,7 @@ class ReadAhead:
         chunk = await asyncio.shield(self._pending)
         if len(chunk) != self._expected:
             self._pending = None
-            raise OSError(
+            raise NotTheRecordedFileError(
                 f"the file ended {self._remaining + self._expected - len(chunk)} bytes early"
             )
         self._start_read()
@@ -221,11 +227,13 @@ def _open_event_file(path: Path, events_dir: Path, size: int, offset: int) -> IO
     planted in the data directory, a log edited by hand).
     """
     if not path.resolve().is_relative_to(events_dir.resolve()):
-        raise OSError(f"{path} is outside {events_dir}")
+        raise NotTheRecordedFileError(f"{path} is outside {events_dir}")
     handle = path.open("rb")
     actual = os.fstat(handle.fileno()).st_size
     if actual != size:
         handle.close()
-        raise OSError(f"{path.name} has {actual} bytes on disk, the event log says {size}")
+        raise NotTheRecordedFileError(
+            f"{path.name} has {actual} bytes on disk, the event log says {size}"
+        )
     handle.seek(offset)
     return handle

@@ -47,7 +47,7 @@ from edge.messages.ws import (
     client_message_adapter,
 )
 from edge.timeutil import utc_now
-from edge.wsfiles import FileFrames, ReadAhead, open_in_thread
+from edge.wsfiles import FileFrames, NotTheRecordedFileError, ReadAhead, open_in_thread
 
 if TYPE_CHECKING:
     from edge.wsserver import WsServer
@@ -606,11 +606,10 @@ class Session:
 def _is_lost(exc: OSError) -> bool:
     """Whether an OSError from opening or reading an event file means the file the log
     recorded is no longer there, for good: the file is missing, or `edge.wsfiles` found one
-    that is not it (outside the event directory, another size, ending early: those checks
-    raise an OSError without an errno). Errors from the system with an errno (EMFILE, ENFILE,
-    EIO, EACCES, ...) can pass, and the client is to try again.
+    that is not it. Other errors from the system (EMFILE, ENFILE, EIO, EACCES, ...) can pass,
+    and the client is to try again.
     """
-    return isinstance(exc, FileNotFoundError) or exc.errno is None
+    return isinstance(exc, FileNotFoundError | NotTheRecordedFileError)
 
 
 def _parse_json(raw: str) -> object:
