@@ -10,14 +10,13 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from pydantic_settings import SettingsError as PydanticSettingsError
 
 from controller.errors import ControllerError
-from edge.settings import DEVICE_ID_PATTERN, describe_validation_error
+from edge.settings import DEVICE_ID_PATTERN, EMPTY_IS_NONE, NOT_EMPTY, build_settings
 
 ENV_PREFIX = "SOUNDEDGE_CONTROLLER_"
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
@@ -38,8 +37,12 @@ class ControllerMqttSettings(BaseModel):
 
     host: str = Field(default="localhost", min_length=1, description="Broker host name or IP.")
     port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port.")
-    username: str | None = Field(default=None, description="User name (empty: anonymous).")
-    password: SecretStr | None = Field(default=None, description="Password.")
+    username: Annotated[str | None, EMPTY_IS_NONE] = Field(
+        default=None, description="User name (empty: anonymous)."
+    )
+    password: Annotated[SecretStr | None, EMPTY_IS_NONE] = Field(
+        default=None, description="Password."
+    )
     topic_prefix: str = Field(
         default="soundedge",
         pattern=r"^[^#+\s$][^#+\s]*$",
@@ -49,7 +52,7 @@ class ControllerMqttSettings(BaseModel):
         default="5",
         description="MQTT protocol version; shared subscriptions and `set` replies need 5.",
     )
-    client_id: str | None = Field(
+    client_id: Annotated[str | None, EMPTY_IS_NONE] = Field(
         default=None,
         pattern=CLIENT_ID_PATTERN,
         description="MQTT client id (empty: the controller id). Must be unique on the broker.",
@@ -62,7 +65,7 @@ class ControllerMqttSettings(BaseModel):
         "controller is away; 0: a clean session each time (events missed meanwhile are then "
         "fetched by catch-up only).",
     )
-    shared_group: str | None = Field(
+    shared_group: Annotated[str | None, EMPTY_IS_NONE] = Field(
         default=None,
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
         description="Share the event work with other controllers in this MQTT 5 shared "
@@ -70,11 +73,15 @@ class ControllerMqttSettings(BaseModel):
         "Empty: this controller takes every event.",
     )
     tls: bool = Field(default=False, description="Connect with TLS.")
-    tls_ca_file: Path | None = Field(
+    tls_ca_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
         default=None, description="CA certificate file (empty: the system's CAs)."
     )
-    tls_cert_file: Path | None = Field(default=None, description="Client certificate file.")
-    tls_key_file: Path | None = Field(default=None, description="Client private key file.")
+    tls_cert_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
+        default=None, description="Client certificate file."
+    )
+    tls_key_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
+        default=None, description="Client private key file."
+    )
     tls_insecure: bool = Field(
         default=False, description="Skip certificate verification (testing only)."
     )
@@ -168,18 +175,18 @@ class ControllerSettings(BaseSettings):
         description="This controller's name: websocket client id, default MQTT client id, "
         "claims and sidecars (empty: controller-<host name>). Unique per instance.",
     )
-    archive_dir: Path = Field(
+    archive_dir: Annotated[Path, NOT_EMPTY] = Field(
         default=Path("soundedge-archive"),
         description="Archive root: files go to <archive_dir>/<device_id>/<YYYY-MM-DD>/.",
     )
-    db_path: Path | None = Field(
+    db_path: Annotated[Path | None, EMPTY_IS_NONE] = Field(
         default=None,
         description="SQLite database of devices and events (empty: <archive_dir>/controller.db).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level."
     )
-    ws_token: SecretStr | None = Field(
+    ws_token: Annotated[SecretStr | None, EMPTY_IS_NONE] = Field(
         default=None, description="Bearer token presented to every agent's websocket."
     )
     ws_tokens: dict[str, SecretStr] = Field(
@@ -228,13 +235,4 @@ class ControllerSettings(BaseSettings):
 
 def load_settings(**overrides: Any) -> ControllerSettings:
     """Load and validate; raise `ControllerSettingsError` with a one-line message."""
-    try:
-        return ControllerSettings(**overrides)
-    except ValidationError as exc:
-        raise ControllerSettingsError(describe_validation_error(exc, ENV_PREFIX)) from exc
-    except PydanticSettingsError as exc:
-        # pydantic-settings could not decode a JSON value (ws_tokens, ws_urls): name it.
-        field = re.search(r'field "([^"]+)"', str(exc))
-        name = ENV_PREFIX + field.group(1).upper() if field else ENV_PREFIX + "*"
-        cause = f": {exc.__cause__}" if exc.__cause__ else ""
-        raise ControllerSettingsError(f"{name}: not valid JSON{cause}") from exc
+    return build_settings(ControllerSettings, ENV_PREFIX, ControllerSettingsError, overrides)

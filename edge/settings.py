@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, get_origin
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from edge.errors import SettingsError
 
@@ -29,6 +39,28 @@ CONFIG_FILE_ENV = "SOUNDEDGE_CONFIG_FILE"
 
 # Device ids end up in MQTT topics, file names and URLs: keep them to a safe alphabet.
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+def _empty_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
+# Marks a field typed `X | None`: an empty value (`VAR=`, as in the systemd env examples)
+# means "not set", i.e. None, which every "(empty: ...)" description documents. Without it
+# pydantic would turn "" into Path("."), an empty user name or a number error. Every optional
+# field of both programs carries it (tests/test_settings_empty.py checks).
+EMPTY_IS_NONE = BeforeValidator(_empty_is_none)
+
+
+def _refuse_empty(value: object) -> object:
+    if value == "":
+        raise ValueError("must not be empty (leave it unset for the default)")
+    return value
+
+
+# Marks a path that has no "not set" meaning: pydantic would read "" as Path("."), the
+# working directory, without a word.
+NOT_EMPTY = BeforeValidator(_refuse_empty)
 
 
 def _default_device_id() -> str:
@@ -40,7 +72,7 @@ def _default_device_id() -> str:
 class AudioSettings(BaseModel):
     """The sound card and the ring of buffers that holds the most recent audio."""
 
-    device: str | None = Field(
+    device: Annotated[str | None, EMPTY_IS_NONE] = Field(
         default=None,
         description="Input device: an index or part of its name (e.g. 'Play! 3'); the name is "
         "stable across reboots, the index is not. Empty: the system default input.",
@@ -168,14 +200,14 @@ class DetectorSettings(BaseModel):
         description="Longest event in seconds (0-3600, above 0); a longer sound is split "
         "into consecutive events.",
     )
-    highpass_hz: float | None = Field(
+    highpass_hz: Annotated[float | None, EMPTY_IS_NONE] = Field(
         default=100.0,
         ge=1.0,
         description="High-pass corner in Hz (at least 1; empty: off), 24 dB/octave below "
         "750 Hz: takes mains hum and wind rumble down (what is left of them is steady and "
         "goes into the noise floor).",
     )
-    lowpass_hz: float | None = Field(
+    lowpass_hz: Annotated[float | None, EMPTY_IS_NONE] = Field(
         default=None,
         ge=1.0,
         description="Low-pass corner in Hz (at least 1; empty: off), 24 dB/octave below "
@@ -249,7 +281,7 @@ class StorageSettings(BaseModel):
         description="Soft limit in MB for event files: above it collected files are deleted, "
         "oldest first.",
     )
-    hard_max_disk_mb: float | None = Field(
+    hard_max_disk_mb: Annotated[float | None, EMPTY_IS_NONE] = Field(
         default=None,
         gt=0.0,
         description="Hard limit in MB: above it even uncollected files are deleted, oldest "
@@ -291,19 +323,21 @@ class MqttSettings(BaseModel):
     port: int = Field(
         default=1883, ge=1, le=65535, description="Broker TCP port (usually 1883; 8883 for TLS)."
     )
-    username: str | None = Field(
+    username: Annotated[str | None, EMPTY_IS_NONE] = Field(
         default=None,
         description="User name (empty: anonymous). With the ACL in mosquitto/ it must be the "
         "device id.",
     )
-    password: SecretStr | None = Field(default=None, description="Password of `username`.")
+    password: Annotated[SecretStr | None, EMPTY_IS_NONE] = Field(
+        default=None, description="Password of `username`."
+    )
     topic_prefix: str = Field(
         default="soundedge",
         pattern=r"^[^#+\s][^#+\s]*$",
         description="First level of every topic; no '#', '+' or spaces.",
     )
     protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version.")
-    client_id: str | None = Field(
+    client_id: Annotated[str | None, EMPTY_IS_NONE] = Field(
         default=None, description="MQTT client id (empty: 'soundedge-<device_id>')."
     )
     keepalive_s: int = Field(
@@ -318,13 +352,13 @@ class MqttSettings(BaseModel):
         description="Connect with TLS; the server certificate and host name are verified unless "
         "tls_insecure.",
     )
-    tls_ca_file: Path | None = Field(
+    tls_ca_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
         default=None, description="CA certificate file (empty: the system's CAs)."
     )
-    tls_cert_file: Path | None = Field(
+    tls_cert_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
         default=None, description="Client certificate file (PEM), for brokers that require one."
     )
-    tls_key_file: Path | None = Field(
+    tls_key_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
         default=None,
         description="Private key of the client certificate (PEM; empty: in the certificate file).",
     )
@@ -366,18 +400,22 @@ class WsSettings(BaseModel):
     """The websocket server through which controllers collect event files."""
 
     enabled: bool = Field(default=True, description="Run the websocket server.")
-    host: str = Field(default="0.0.0.0", description="Address to listen on.")
+    host: str = Field(default="0.0.0.0", min_length=1, description="Address to listen on.")
     port: int = Field(default=8765, ge=0, le=65535, description="TCP port (0: any free port).")
-    token: SecretStr | None = Field(
+    token: Annotated[SecretStr | None, EMPTY_IS_NONE] = Field(
         default=None,
         description="Bearer token clients must present; empty refuses every client.",
     )
-    public_url: str | None = Field(
+    public_url: Annotated[str | None, EMPTY_IS_NONE] = Field(
         default=None,
         description="URL announced in MQTT info (empty: ws://<host name>:<port>).",
     )
     max_clients: int = Field(
-        default=4, ge=1, le=1000, description="Concurrent websocket connections at most (count)."
+        default=4,
+        ge=1,
+        le=1000,
+        description="Authenticated websocket connections at most (count); up to 4 more may "
+        "wait to give their token in hello.",
     )
     chunk_bytes: int = Field(
         default=256 * 1024,
@@ -392,10 +430,10 @@ class WsSettings(BaseModel):
             "socket (false: read them through Python, as over wss://)."
         ),
     )
-    tls_cert_file: Path | None = Field(
+    tls_cert_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
         default=None, description="PEM certificate (chain) file; with tls_key_file: serve wss://."
     )
-    tls_key_file: Path | None = Field(
+    tls_key_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
         default=None, description="PEM private key file of tls_cert_file."
     )
     hello_timeout_s: float = Field(
@@ -463,15 +501,15 @@ class AgentSettings(BaseSettings):
         validate_default=True,
     )
 
-    config_file: Path | None = Field(
+    config_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
         default=None,
         description="JSON file with settings (environment variables override it).",
     )
     device_id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN)] = Field(
         default_factory=_default_device_id,
-        description="This agent's id in topics and file names (default: the host name).",
+        description="This agent's id in topics and file names (empty: the host name).",
     )
-    data_dir: Path = Field(
+    data_dir: Annotated[Path, NOT_EMPTY] = Field(
         default=Path("soundedge-data"),
         description="Directory for event files, the event log, the outbox and runtime state.",
     )
@@ -485,6 +523,13 @@ class AgentSettings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     ws: WsSettings = Field(default_factory=WsSettings)
+
+    @field_validator("device_id", mode="before")
+    @classmethod
+    def _empty_is_the_host_name(cls, value: object) -> object:
+        # As the controller's controller_id: `SOUNDEDGE_DEVICE_ID=` (the env example's blank
+        # line, uncommented) means the documented default, not an invalid id.
+        return _default_device_id() if value == "" else value
 
     @field_validator("data_dir")
     @classmethod
@@ -522,18 +567,100 @@ def env_name(loc: tuple[int | str, ...], prefix: str = ENV_PREFIX) -> str:
     return prefix + "__".join(p.upper() for p in parts)
 
 
-def describe_validation_error(exc: ValidationError, prefix: str = ENV_PREFIX) -> str:
-    """One line per problem, naming the environment variable and what is allowed."""
-    lines = []
+def _field_loc(loc: tuple[int | str, ...], root: type[BaseModel]) -> tuple[int | str, ...]:
+    """The part of an error location that names fields, without what pydantic appends for
+    a union member (`latency` -> "literal['low','high']", "float") or a mapping key."""
+    names: list[int | str] = []
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            break
+        names.append(part)
+        annotation = model.model_fields[part].annotation
+        model = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
+    return tuple(names)
+
+
+def describe_validation_error(
+    exc: ValidationError, prefix: str = ENV_PREFIX, root: type[BaseModel] | None = None
+) -> str:
+    """One line naming each environment variable at fault and what is allowed. With `root`
+    (the settings class), the alternatives of a union are told as one problem of one variable."""
+    # variable (or, for a rule across sections, its message) -> (problems, the value shown)
+    problems: dict[str, tuple[list[str], str]] = {}
     for err in exc.errors():
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {str(value)[:60]!r})"
         message = err["msg"].removeprefix("Value error, ")
-        if err["loc"]:
-            lines.append(f"{env_name(err['loc'], prefix)}: {message}{shown}")
-        else:  # a rule across sections names its variables itself
-            lines.append(message)
-    return "; ".join(lines)
+        loc = _field_loc(err["loc"], root) if root is not None else err["loc"]
+        if not loc:  # a rule across sections names its variables itself
+            problems.setdefault(message, ([], ""))
+            continue
+        messages, _ = problems.setdefault(env_name(loc, prefix), ([], shown))
+        if message not in messages:
+            messages.append(message)
+    return "; ".join(
+        f"{key}: {'; or: '.join(messages)}{shown}" if messages else key
+        for key, (messages, shown) in problems.items()
+    )
+
+
+# pydantic-settings names the field and the source, not the variable: 'error parsing value for
+# field "audio" from source "EnvSettingsSource"'.
+_SOURCE_ERROR = re.compile(r'field "(?P<field>[^"]+)" from source "(?P<source>[^"]+)"')
+
+
+def describe_source_error(
+    exc: PydanticSettingsError, root: type[BaseModel], prefix: str = ENV_PREFIX
+) -> str:
+    """One line for a variable that pydantic-settings could not decode before validation: one
+    that holds JSON (a whole section such as SOUNDEDGE_AUDIO, or a mapping) but is not JSON.
+    The value itself is not shown (it may hold tokens)."""
+    match = _SOURCE_ERROR.search(str(exc))
+    if match is None:  # not a format we know: still one line, without pydantic's newlines
+        return f"{prefix}*: " + " ".join(str(exc).split())[:200]
+    name = match["field"]
+    variable = prefix + name.upper()
+    where = " (in the .env file)" if match["source"].startswith("DotEnv") else ""
+    field = root.model_fields.get(name)
+    annotation = field.annotation if field is not None else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        allowed = (
+            f"a JSON object of the section's settings (or leave it unset and set them one by "
+            f"one as {variable}__<NAME>)"
+        )
+    else:
+        allowed = "a JSON object" if get_origin(annotation) is dict else "JSON"
+    cause = exc.__cause__
+    if isinstance(cause, json.JSONDecodeError):
+        problem = "is empty" if not cause.doc.strip() else f"is not valid JSON ({cause})"
+    else:
+        problem = "cannot be read" + (f" ({' '.join(str(cause).split())[:120]})" if cause else "")
+    return f"{variable}{where}: {problem}; it must be {allowed}"
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def build_settings(
+    settings_cls: type[SettingsT],
+    prefix: str,
+    error: type[Exception],
+    overrides: dict[str, Any],
+) -> SettingsT:
+    """Load `settings_cls` from its sources, for both programs: any invalid value, from the
+    environment, a .env file or a config file, raises `error` with one line naming the
+    variable and what is allowed (the command lines turn it into exit status 2)."""
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        raise error(describe_validation_error(exc, prefix, settings_cls)) from exc
+    except PydanticSettingsError as exc:
+        raise error(describe_source_error(exc, settings_cls, prefix)) from exc
 
 
 def load_settings(**overrides: Any) -> AgentSettings:
@@ -541,10 +668,7 @@ def load_settings(**overrides: Any) -> AgentSettings:
     config_path = _find_config_file(overrides)
     if config_path is not None:
         _check_config_file(config_path)
-    try:
-        return AgentSettings(**overrides)
-    except ValidationError as exc:
-        raise SettingsError(describe_validation_error(exc)) from exc
+    return build_settings(AgentSettings, ENV_PREFIX, SettingsError, overrides)
 
 
 def _check_config_file(path: Path) -> None:

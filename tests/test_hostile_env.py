@@ -1,5 +1,7 @@
 """Hostile environment: every agent and controller setting, given a value of the wrong type or
-out of its range, is refused with one line that names the variable (issue 8).
+out of its range, is refused with one line that names the variable (issue 8). So is every
+variable that holds a whole section or a mapping as JSON (SOUNDEDGE_AUDIO, ..._WS_TOKENS) when
+it is not JSON, from the environment or from a .env file, down to the command line's exit 2.
 
 The cases are generated from the settings models, so a new field is covered (or must be listed
 in ACCEPTS_ANY_TEXT with the reason) without editing this file. Hand-picked cases and the exit
@@ -8,7 +10,10 @@ status of the command lines are in test_settings.py and test_controller_units.py
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -37,7 +42,6 @@ ACCEPTS_ANY_TEXT = {
     "SOUNDEDGE_MQTT__TLS_CA_FILE",  # test_mqtt_tls.py
     "SOUNDEDGE_MQTT__TLS_CERT_FILE",
     "SOUNDEDGE_MQTT__TLS_KEY_FILE",
-    "SOUNDEDGE_WS__HOST",
     "SOUNDEDGE_WS__TOKEN",  # test_ws_handshake.py::test_no_token_configured_refuses_everyone
     "SOUNDEDGE_WS__PUBLIC_URL",
     "SOUNDEDGE_WS__TLS_CERT_FILE",  # test_ws_tls.py::test_unreadable_certificate_*
@@ -201,3 +205,110 @@ def test_a_missing_config_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_pat
     leaf = next(leaf for leaf in ALL_LEAVES if leaf.variable == "SOUNDEDGE_CONFIG_FILE")
     message = refused_with_one_line(leaf, str(tmp_path / "absent.json"), monkeypatch)
     assert "SOUNDEDGE_CONFIG_FILE" in message
+
+
+# -- variables that hold JSON: a whole section (SOUNDEDGE_AUDIO) or a mapping (..._WS_TOKENS) --
+
+
+@dataclass(frozen=True)
+class JsonVariable:
+    program: Program
+    variable: str
+
+
+def json_variables(program: Program) -> Iterator[JsonVariable]:
+    """The top-level fields that pydantic-settings decodes as JSON before validation."""
+    for name, field in program.root.model_fields.items():
+        if _is_model(field.annotation) or typing.get_origin(field.annotation) is dict:
+            yield JsonVariable(program, program.prefix + name.upper())
+
+
+JSON_VARIABLES = [*json_variables(AGENT), *json_variables(CONTROLLER)]
+NOT_JSON = {
+    "not-json": "notjson",
+    "cut-short": '{"threshold_db":3',
+    "single-quotes": "{'port': 1}",
+    "empty": "",
+}
+
+
+def test_the_json_variables_are_the_sections_and_mappings() -> None:
+    assert {v.variable for v in JSON_VARIABLES} == {
+        "SOUNDEDGE_AUDIO", "SOUNDEDGE_DETECTOR", "SOUNDEDGE_RECORDING", "SOUNDEDGE_STORAGE",
+        "SOUNDEDGE_MQTT", "SOUNDEDGE_WS",
+        "SOUNDEDGE_CONTROLLER_WS_TOKENS", "SOUNDEDGE_CONTROLLER_WS_URLS",
+        "SOUNDEDGE_CONTROLLER_MQTT", "SOUNDEDGE_CONTROLLER_COLLECTOR",
+    }  # fmt: skip
+
+
+def _assert_names_json_variable(message: str, item: JsonVariable, value: str) -> None:
+    assert "\n" not in message
+    assert "Traceback" not in message
+    named = (f"{item.variable}:", f"{item.variable} (in the .env file):")
+    assert message.startswith(named), message
+    assert "JSON object" in message  # what is allowed
+    if len(value) > 3:
+        assert value not in message  # a mapping of tokens is not echoed
+
+
+@pytest.mark.parametrize("value", NOT_JSON.values(), ids=NOT_JSON.keys())
+@pytest.mark.parametrize("item", JSON_VARIABLES, ids=lambda v: v.variable)
+def test_a_json_variable_that_is_not_json_names_the_variable(
+    item: JsonVariable, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(item.variable, value)
+    with pytest.raises(item.program.error) as caught:
+        item.program.load()
+    _assert_names_json_variable(str(caught.value), item, value)
+
+
+@pytest.mark.parametrize("value", NOT_JSON.values(), ids=NOT_JSON.keys())
+@pytest.mark.parametrize("item", JSON_VARIABLES, ids=lambda v: v.variable)
+def test_a_json_variable_in_a_dotenv_file_that_is_not_json_names_the_variable(
+    item: JsonVariable, value: str, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text(f"{item.variable}={json.dumps(value)}\n", encoding="utf-8")
+    with pytest.raises(item.program.error) as caught:
+        item.program.load()
+    message = str(caught.value)
+    _assert_names_json_variable(message, item, value)
+    assert "(in the .env file)" in message
+
+
+def test_a_json_variable_that_is_json_of_the_wrong_shape_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for item in JSON_VARIABLES:
+        monkeypatch.setenv(item.variable, "[1, 2]")
+        with pytest.raises(item.program.error) as caught:
+            item.program.load()
+        assert str(caught.value).startswith(item.variable + ":"), caught.value
+        monkeypatch.delenv(item.variable)
+
+
+COMMANDS = {AGENT.prefix: ["edge", "config"], CONTROLLER.prefix: ["controller", "devices"]}
+
+
+@pytest.mark.parametrize("in_dotenv", [False, True], ids=["environment", "dotenv"])
+@pytest.mark.parametrize(
+    "variable", ["SOUNDEDGE_DETECTOR", "SOUNDEDGE_CONTROLLER_MQTT"], ids=["agent", "controller"]
+)
+def test_the_command_line_exits_2_with_one_line_for_a_section_that_is_not_json(
+    variable: str, in_dotenv: bool, tmp_path: Path
+) -> None:
+    item = next(v for v in JSON_VARIABLES if v.variable == variable)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOUNDEDGE_")}
+    if in_dotenv:
+        (tmp_path / ".env").write_text(f"{variable}='{{\"x\":3'\n", encoding="utf-8")
+    else:
+        env[variable] = '{"x":3'
+    module, command = COMMANDS[item.program.prefix]
+    result = subprocess.run(
+        [sys.executable, "-m", module, command],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0]
+    assert "Traceback" not in result.stderr
