@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     tail = sub.add_parser("tail", help="print events live as devices report them")
     tail.add_argument("--device", help="only this device")
     tail.add_argument("--json", action="store_true", help="print the raw JSON messages")
-    tail.add_argument("--count", type=int, help="exit after this many events")
+    tail.add_argument(
+        "--count",
+        type=int,
+        help="exit after this many messages (a start and an end count one each)",
+    )
     setter = sub.add_parser(
         "set",
         help="change a device's runtime settings and wait for its confirmation or its error",
