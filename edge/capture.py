@@ -468,7 +468,8 @@ class CaptureSupervisor:
                 self.restarts += 1
                 break
             try:
-                await asyncio.wait_for(asyncio.to_thread(self.source.close), CLOSE_TIMEOUT_S)
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await asyncio.to_thread(self.source.close)
             except TimeoutError:
                 # A wedged driver thread (seen with ALSA's pulse plugin when its source
                 # vanishes): PortAudio cannot be re-initialised under it in this process. Stop

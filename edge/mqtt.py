@@ -256,10 +256,8 @@ class MqttPublisher:
                 task.cancel()
         if stop.is_set() and not conn.closed.is_set():
             try:
-                await asyncio.wait_for(
-                    conn.publish(self.topics.status, STATUS_STOPPED, qos=1, retain=True),
-                    STOPPED_ACK_TIMEOUT_S,
-                )
+                async with asyncio.timeout(STOPPED_ACK_TIMEOUT_S):
+                    await conn.publish(self.topics.status, STATUS_STOPPED, qos=1, retain=True)
             except (MqttError, TimeoutError) as exc:
                 logger.warning("MQTT: could not publish 'stopped': %s", exc or "timeout")
 
@@ -305,7 +303,10 @@ class MqttPublisher:
                 future.add_done_callback(functools.partial(self._async_event_acked, item))
             if not items:
                 try:
-                    await asyncio.wait_for(self._wake.wait(), RESYNC_S)
+                    # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that
+                    # arrives as the wait ends, and this loop would then never stop.
+                    async with asyncio.timeout(RESYNC_S):
+                        await self._wake.wait()
                 except TimeoutError:
                     # Safety net: an event in the log that the bus never announced still goes.
                     self._ends_released = self._store.newest_seq

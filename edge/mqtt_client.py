@@ -245,17 +245,15 @@ class MqttBridge(ABC, Generic[MessageT]):
                 if self.persistent:
                     properties.SessionExpiryInterval = self._session_expiry_s
         try:
-            await asyncio.wait_for(
-                asyncio.to_thread(
+            async with asyncio.timeout(timeout_s):
+                await asyncio.to_thread(
                     self._client.connect,
                     host,
                     port,
                     self.settings.keepalive_s,
                     clean_start=clean_start,
                     properties=properties,
-                ),
-                timeout_s,
-            )
+                )
         except (OSError, TimeoutError, ValueError) as exc:
             # ssl.SSLError is an OSError: a certificate problem is reported here too.
             raise self.error_class(
@@ -264,7 +262,8 @@ class MqttBridge(ABC, Generic[MessageT]):
         self._client.loop_start()
         self._started = True
         try:
-            reason = await asyncio.wait_for(asyncio.shield(self._connack), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                reason = await asyncio.shield(self._connack)
         except TimeoutError as exc:
             raise self.error_class(
                 f"no CONNACK from {host}:{port} within {timeout_s:.0f} s"
@@ -354,7 +353,8 @@ class MqttBridge(ABC, Generic[MessageT]):
         future: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
         self._subacks[mid] = future
         try:
-            return await asyncio.wait_for(future, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await future
         except TimeoutError as exc:
             raise self.error_class(f"no {ack} within {timeout_s:.0f} s") from exc
 

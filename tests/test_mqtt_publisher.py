@@ -543,3 +543,31 @@ async def test_a_refused_subscription_is_said_and_the_agent_goes_on(
     finally:
         watcher.close()
         broker.stop()
+
+
+async def test_the_event_sender_stops_when_cancelled_just_as_it_is_woken(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """A stop that lands as an acknowledgement wakes the sender (as in the drain before
+    `stopped`) must still end it: Python 3.11's asyncio.wait_for swallowed such a
+    cancellation, and the agent's stop then waited for the sender forever."""
+    agent = AgentUnderTest.build(agent_settings(tmp_path, broker))
+    publisher = agent.publisher
+    await asyncio.to_thread(publisher.outbox.open)
+    conn = Connection(
+        agent.settings.mqtt, "t-sender", ("t/status", "offline"), asyncio.get_running_loop()
+    )  # never opened: with an empty outbox the sender only waits
+    try:
+        sender = asyncio.create_task(publisher._async_send_events(conn))
+        await asyncio.sleep(0.05)  # it waits for a wake-up
+        publisher._wake.set()
+        sender.cancel()
+        done, _ = await asyncio.wait({sender}, timeout=5)
+        assert sender in done, "the sender went on after it was cancelled"
+        assert sender.cancelled()
+    finally:
+        if not sender.done():
+            sender.cancel()
+            await asyncio.wait({sender})
+        publisher.outbox.close()
+        agent.store.close()
