@@ -226,6 +226,9 @@ async def fetch(settings: ControllerSettings, event_id: str) -> int:
             await collector.collect(row.record)
         finally:
             await collector.close_links()
+            # Claims name this process (not only the controller id `run` shares): release
+            # what is still held and stop refreshing.
+            await asyncio.to_thread(archive.close)
         row = await asyncio.to_thread(db.event, event_id)
     finally:
         db.close()
@@ -354,9 +357,8 @@ async def _set_with_reply(
     correlation = uuid.uuid4().bytes
     conn = await connect_once(settings.mqtt, _client_id(settings, "set"), [reply_topic])
     try:
-        await asyncio.wait_for(
-            conn.publish(topics.set, payload, 1, reply_topic, correlation), timeout_s
-        )
+        async with asyncio.timeout(timeout_s):
+            await conn.publish(topics.set, payload, 1, reply_topic, correlation)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
@@ -383,7 +385,8 @@ async def _set_with_config(
     conn = await connect_once(settings.mqtt, _client_id(settings, "set"), [topics.config])
     try:
         # Retained config arrives first; the answer to our command is a live (non-retained) one.
-        await asyncio.wait_for(conn.publish(topics.set, payload, 1), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await conn.publish(topics.set, payload, 1)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:

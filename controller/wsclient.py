@@ -9,7 +9,10 @@ One reader task owns `recv`: it routes replies to the request waiting for them, 
 chunks of the transfer in progress to disk, and queues notifications (`EventNotice`, and
 `PushedFile` in push mode) for `notifications()`. A download is written to a `.part` file,
 checked for size and sha256, then renamed; a later download of the same event resumes from the
-bytes already in the `.part` file. The protocol is in `docs/websocket.md`.
+bytes already in the `.part` file. The `.part` file is held under a lock (`.part.lock`, an OS
+file lock that dies with the process) for the whole download: a second download of the same
+event, in this process or another, fails at once with `PartFileBusyError` (retry later) instead
+of writing into it too. The protocol is in `docs/websocket.md`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import itertools
 import logging
 import os
 import ssl as ssl_module
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +66,15 @@ from edge.messages.ws import (
     server_message_adapter,
 )
 
+if sys.platform == "win32":
+    import msvcrt
+else:
+    import fcntl
+
 logger = logging.getLogger(__name__)
 
 PART_SUFFIX = ".part"
+LOCK_SUFFIX = ".lock"
 # Received chunks are written and hashed on a worker thread in batches of about this size:
 # one thread hop per batch rather than per chunk. A download holds at most about two batches.
 WRITE_BATCH_BYTES = 2 * 1024 * 1024
@@ -85,6 +95,11 @@ class PushedFile:
 
 
 Notification = EventNotice | PushedFile
+
+
+class PartFileBusyError(TransferError):
+    """Another download of the same event (this process or another) holds its `.part` file;
+    nothing was written. Try again later."""
 
 
 class _ConnectionEnded:
@@ -136,6 +151,10 @@ class AgentClient:
         self._pending: dict[str, asyncio.Future[ServerMessage]] = {}
         self._downloads: dict[str, _Download] = {}
         self._active: _Download | None = None  # the transfer whose binary frames are arriving
+        # `get`s whose caller gave up before their file_start: their transfer, if it still
+        # comes, is read and dropped (the session goes on).
+        self._abandoned: set[str] = set()
+        self._frames_received = 0  # every frame of the session: a queued get's sign of life
         self._notifications: asyncio.Queue[Notification | _ConnectionEnded] = asyncio.Queue(
             notification_queue_size
         )
@@ -293,37 +312,50 @@ class AgentClient:
 
         Resumes from a `.part` file left by an interrupted download, checks size and sha256
         (against `expected` too, if given) and renames atomically. Raises `TransferError` on a
-        mismatch (the `.part` file is then removed), `RequestError` if the agent refuses.
+        mismatch (the `.part` file is then removed), `PartFileBusyError` if another download of
+        the event holds the `.part` file, `RequestError` if the agent refuses.
+
+        The idle timeout counts from the transfer's own `file_start`; while the `get` waits
+        behind other transfers, any frame of the session shows the agent is working on it.
         """
         target = _Target(dest, event_id, expected)
-        if expected is not None and await asyncio.to_thread(_already_there, target, expected):
-            return target.final_path(expected.name)
-        for attempt in range(2):
-            offset = await asyncio.to_thread(_part_size, target.part_path)
-            try:
-                return await self._download_once(event_id, target, offset)
-            except RequestError as exc:
-                if exc.code != ErrorCode.INVALID_OFFSET or attempt:
-                    raise
-                # The partial file is longer than the agent's file: it is not a prefix of it.
-                logger.warning("discarding %s: longer than the file", target.part_path.name)
-                await asyncio.to_thread(target.part_path.unlink, missing_ok=True)
-        raise AssertionError("unreachable")
+        part = await asyncio.to_thread(_PartFile.acquire, target)
+        try:
+            if expected is not None and await asyncio.to_thread(_already_there, target, expected):
+                await asyncio.to_thread(part.discard)  # a leftover of an earlier download
+                return target.final_path(expected.name)
+            for attempt in range(2):
+                offset = await asyncio.to_thread(part.size)
+                try:
+                    return await self._download_once(event_id, target, part, offset)
+                except RequestError as exc:
+                    if exc.code != ErrorCode.INVALID_OFFSET or attempt:
+                        raise
+                    # The partial file is longer than the agent's file: not a prefix of it.
+                    logger.warning("discarding %s: longer than the file", target.part_path.name)
+                    await asyncio.to_thread(part.truncate)
+            raise AssertionError("unreachable")
+        finally:
+            # Shielded: a cancelled caller still gives the lock up (the .part file stays).
+            await asyncio.shield(asyncio.to_thread(part.release))
 
-    async def _download_once(self, event_id: str, target: _Target, offset: int) -> Path:
+    async def _download_once(
+        self, event_id: str, target: _Target, part: _PartFile, offset: int
+    ) -> Path:
         ws = self._require_ws()
         request = GetRequest(request_id=self._next_id(), event_id=event_id, offset=offset)
-        download = _Download(target, offset, pushed=False)
+        download = _Download(target, offset, pushed=False, part=part)
         self._downloads[request.request_id] = download
         try:
             if offset:
                 logger.info("resuming %s from byte %d", event_id, offset)
             await ws.send(request.model_dump_json())
             while not download.done.done():
-                progress = download.received
+                progress = self._progress_mark(download)
                 finished, _ = await asyncio.wait({download.done}, timeout=self.idle_timeout_s)
-                if not finished and download.received == progress:
-                    raise TransferError(f"event {event_id}: no data for {self.idle_timeout_s} s")
+                if not finished and self._progress_mark(download) == progress:
+                    what = "no data" if download.started else "nothing from the agent"
+                    raise TransferError(f"event {event_id}: {what} for {self.idle_timeout_s} s")
             return download.done.result()
         except ConnectionClosed as exc:
             raise self._lost(exc) from exc
@@ -331,6 +363,19 @@ class AgentClient:
             self._downloads.pop(request.request_id, None)
             if not download.done.done():
                 download.done.cancel()
+            if not download.started and not download.answered:
+                # Its transfer may still come: read it and drop it, the session goes on.
+                self._abandoned.add(request.request_id)
+            # Stop writing to the .part file before the caller gives its lock up. Shielded:
+            # done even if the caller is cancelled meanwhile.
+            await asyncio.shield(download.abandon())
+
+    def _progress_mark(self, download: _Download) -> tuple[bool, int, int]:
+        """What changes while a download makes progress: its own bytes once its transfer
+        started, before that any frame of the session (the transfers queued before it)."""
+        if download.started:
+            return (True, download.received, 0)
+        return (False, 0, self._frames_received)
 
     async def _request(self, request_id: str, text: str) -> ServerMessage:
         ws = self._require_ws()
@@ -393,6 +438,7 @@ class AgentClient:
     async def _read_loop(self, ws: ClientConnection) -> None:
         try:
             async for raw in ws:
+                self._frames_received += 1
                 if isinstance(raw, bytes):
                     await self._on_chunk(raw)
                 else:
@@ -458,6 +504,10 @@ class AgentClient:
             if self.push_dir is None:
                 raise AgentProtocolError("the agent pushed a file to a client not in push mode")
             download = _Download(_Target(self.push_dir, message.event_id, None), 0, pushed=True)
+        elif message.request_id in self._abandoned:
+            # Its caller gave up (timed out or cancelled) while it was queued: drop the data.
+            logger.debug("dropping the transfer of abandoned request %s", message.request_id)
+            download = _Download(None, 0, pushed=False)
         else:
             found = self._downloads.get(message.request_id or "")
             if found is None:
@@ -471,6 +521,7 @@ class AgentClient:
         if download is None or download.event_id != message.event_id:
             raise AgentProtocolError("file_end without a matching file_start")
         self._active = None
+        self._abandoned.discard(message.request_id or "")
         path = await download.finish(message)
         if download.pushed and path is not None and download.file is not None:
             self._notify(PushedFile(message.event_id, download.seq, path, download.file))
@@ -490,8 +541,13 @@ class AgentClient:
                 future.set_exception(error)
             return
         if request_id is not None and (download := self._downloads.get(request_id)) is not None:
+            download.answered = True
             if not download.done.done():
                 download.done.set_exception(error)
+            return
+        if request_id is not None and request_id in self._abandoned:
+            self._abandoned.discard(request_id)
+            logger.debug("%s: error for abandoned request %s: %s", self.url, request_id, error)
             return
         log = logger.error if message.fatal else logger.warning
         log("%s: %s", self.url, error)
@@ -521,6 +577,7 @@ class _Target:
         # the offset to resume from is too.
         directory = dest if self.into_dir else dest.parent
         self.part_path = directory / f".{event_id}{PART_SUFFIX}"
+        self.lock_path = directory / f".{event_id}{PART_SUFFIX}{LOCK_SUFFIX}"
         self.expected = expected
 
     def final_path(self, name: str) -> Path:
@@ -543,13 +600,6 @@ def _is_plain_name(name: str) -> bool:
     )
 
 
-def _part_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
 def _already_there(target: _Target, expected: EventFile) -> bool:
     final = target.final_path(expected.name)
     try:
@@ -560,39 +610,234 @@ def _already_there(target: _Target, expected: EventFile) -> bool:
     return sha256_of(final) == expected.sha256
 
 
-class _Download:
-    """One transfer into a `.part` file: hashed as it is written, verified, then renamed."""
+def _try_lock(fd: int) -> bool:
+    """An exclusive lock on the open file `fd`, released by the OS when it is closed (or the
+    process dies); False if someone else holds it."""
+    try:
+        if sys.platform == "win32":
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError (POSIX), PermissionError (Windows)
+        return False
+    return True
 
-    def __init__(self, target: _Target, offset: int, *, pushed: bool) -> None:
+
+class _PartFile:
+    """The `.part` file of one event, held by one download from before its `get` (the resume
+    offset is its size) until it is renamed, discarded or left for a later resume.
+
+    The lock is an OS lock on the companion `.part.lock` file, so it vanishes with a killed
+    process. Whoever holds it alone opens, truncates, writes, renames or deletes the `.part`
+    file; a second download of the same event gets `PartFileBusyError`. Methods block: call
+    them on a worker thread.
+    """
+
+    def __init__(self, target: _Target, lock_fd: int, handle: IO[bytes]) -> None:
+        self.target = target
+        self.path = target.part_path
+        self.handle: IO[bytes] | None = handle
+        self._lock_fd: int | None = lock_fd
+
+    @classmethod
+    def acquire(cls, target: _Target) -> _PartFile:
+        """Lock and open (create) the `.part` file; raises `PartFileBusyError`, or
+        `TransferError` if it cannot be opened."""
+        try:
+            lock_fd = cls._lock(target.lock_path)
+            try:
+                fd = os.open(target.part_path, os.O_RDWR | os.O_CREAT | _O_BINARY, 0o644)
+                handle = os.fdopen(fd, "r+b")
+            except BaseException:
+                _unlock(target.lock_path, lock_fd)
+                raise
+        except PartFileBusyError:
+            raise
+        except OSError as exc:
+            raise TransferError(f"cannot write {target.part_path}: {exc}") from exc
+        return cls(target, lock_fd, handle)
+
+    @staticmethod
+    def _lock(path: Path) -> int:
+        for _ in range(5):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_BINARY, 0o644)
+            if not _try_lock(fd):
+                os.close(fd)
+                raise PartFileBusyError(
+                    f"{path.with_suffix('').name} is being written by another download of "
+                    "this event; not written, try again later"
+                )
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            # The previous holder removed the lock file after we opened it: lock the new one.
+            os.close(fd)
+        raise PartFileBusyError(f"cannot lock {path.name}: it keeps changing; try again later")
+
+    def _require_handle(self) -> IO[bytes]:
+        if self.handle is None:
+            raise TransferError(f"{self.path.name} is no longer open")
+        return self.handle
+
+    def size(self) -> int:
+        return os.fstat(self._require_handle().fileno()).st_size
+
+    def truncate(self) -> None:
+        handle = self._require_handle()
+        handle.seek(0)
+        handle.truncate()
+
+    def hash_prefix(self, offset: int, digest: hashlib._Hash) -> None:
+        """Resume: feed the `offset` bytes already held into `digest`, then stand at `offset`."""
+        handle = self._require_handle()
+        handle.seek(0)
+        remaining = offset
+        while remaining and (chunk := handle.read(min(remaining, 1024 * 1024))):
+            digest.update(chunk)
+            remaining -= len(chunk)
+        if remaining:
+            raise TransferError(f"{self.path.name} changed while resuming")
+        handle.truncate()  # nothing beyond `offset` (there is nothing: we hold the lock)
+
+    def commit(self, final: Path, size_bytes: int) -> None:
+        """Rename the `.part` file to `final` once it is on disk, checking that the path still
+        names the very file that was written (and hashed) through our handle."""
+        handle = self._require_handle()
+        self.handle = None
+        try:
+            handle.flush()
+            os.fsync(handle.fileno())
+            written = os.fstat(handle.fileno())
+        finally:
+            handle.close()  # before the rename: Windows cannot rename an open file
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            current = None
+        if current is None or not os.path.samestat(written, current):
+            raise TransferError(f"{self.path} was replaced during the download; not renamed")
+        if current.st_size != size_bytes:
+            raise TransferError(
+                f"{self.path} holds {current.st_size} bytes, {size_bytes} were written; not renamed"
+            )
+        self.path.replace(final)
+        fsync_dir(final.parent)
+
+    def discard(self) -> None:
+        """Delete the `.part` file (not a prefix of the file, or no longer needed)."""
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            handle.close()
+        self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Close the `.part` file (kept for a later resume) and give the lock up. Idempotent."""
+        try:
+            if self.handle is not None:
+                handle, self.handle = self.handle, None
+                handle.close()
+        finally:
+            if self._lock_fd is not None:
+                lock_fd, self._lock_fd = self._lock_fd, None
+                _unlock(self.target.lock_path, lock_fd)
+
+
+_O_BINARY: int = getattr(os, "O_BINARY", 0)
+
+
+def _unlock(path: Path, fd: int) -> None:
+    """Remove the lock file and release the lock. On POSIX the file is removed while still
+    locked (whoever opened it meanwhile sees it is gone and takes a new one); Windows cannot
+    remove an open file: remove it after closing, if nobody opened it meanwhile."""
+    if sys.platform == "win32":
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+    else:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        finally:
+            os.close(fd)
+
+
+class _Download:
+    """One transfer into a `.part` file: hashed as it is written, verified, then renamed.
+
+    A pulled download borrows the `.part` file `download()` holds (and releases); a pushed one
+    (or one given no `part`) takes it at its `file_start` and releases it itself. Without a
+    target it is a sink that reads and drops the transfer of an abandoned request. The reader
+    task drives it (start, write, finish, abort); the caller may `abandon` it at any time: the
+    lock serialises them.
+    """
+
+    def __init__(
+        self,
+        target: _Target | None,
+        offset: int,
+        *,
+        pushed: bool,
+        part: _PartFile | None = None,
+    ) -> None:
         self.target = target
         self.offset = offset
         self.pushed = pushed
         self.done: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+        self.started = False  # its file_start arrived
+        self.answered = False  # the agent replied with an error instead of a file_start
         self.received = 0
         self.event_id = ""
         self.request_id: str | None = None
         self.seq = 0
         self.file: EventFile | None = None
-        self._handle: IO[bytes] | None = None
+        self._part = part
+        # Without one lent by `download()` (a pushed transfer), it locks and releases the
+        # .part file itself.
+        self._owns_part = part is None and target is not None
+        self._abandoned = False
+        self._lock = asyncio.Lock()
+        self._handle: IO[bytes] | None = None  # set while bytes are to be written
         self._writing: asyncio.Future[None] | None = None  # the batch being written
         self._batch: list[bytes] = []  # chunks received, not yet handed to the writer
         self._batch_bytes = 0
         self._digest = hashlib.sha256()
+        if target is None:
+            self.done.cancel()  # a sink: nobody awaits it
+
+    @property
+    def _part_name(self) -> str:
+        return self.target.part_path.name if self.target is not None else "(dropped)"
 
     async def start(self, message: FileStart) -> None:
+        self.started = True
         self.event_id = message.event_id
         self.request_id = message.request_id
         self.seq = message.seq
         self.file = message.file
-        try:
-            self._check_start(message)
-            self._handle = await asyncio.to_thread(self._open)
-        except TransferError as exc:
-            self._fail(exc)
-        except OSError as exc:
-            self._fail(TransferError(f"cannot write {self.target.part_path}: {exc}"))
+        async with self._lock:
+            if self.target is None or self._abandoned:
+                return  # read and dropped
+            try:
+                self._check_start(message)
+                if self._owns_part:
+                    self._part = await asyncio.to_thread(_PartFile.acquire, self.target)
+                    if self.offset == 0:
+                        await asyncio.to_thread(self._part.truncate)
+                assert self._part is not None
+                await asyncio.to_thread(self._part.hash_prefix, self.offset, self._digest)
+                self._handle = self._part.handle
+            except TransferError as exc:
+                await self._close_locked()
+                self._fail(exc)
+            except OSError as exc:
+                await self._close_locked()
+                self._fail(TransferError(f"cannot write {self._part_name}: {exc}"))
 
     def _check_start(self, message: FileStart) -> None:
+        assert self.target is not None
         if message.offset != self.offset:
             raise TransferError(f"asked for byte {self.offset}, got {message.offset}")
         expected = self.target.expected
@@ -604,38 +849,27 @@ class _Download:
             )
         self.target.final_path(message.file.name)  # refuse an unsafe name before writing
 
-    def _open(self) -> IO[bytes]:
-        path = self.target.part_path
-        if self.offset == 0:
-            return path.open("wb")
-        # Resume: the hash covers the whole file, so it starts with the bytes we already hold.
-        handle = path.open("r+b")
-        with contextlib.ExitStack() as on_error:
-            on_error.callback(handle.close)
-            while chunk := handle.read(1024 * 1024):
-                self._digest.update(chunk)
-            if handle.tell() == self.offset:
-                on_error.pop_all()
-                return handle
-        raise TransferError(f"{path.name} changed while resuming")
-
     async def write(self, chunk: bytes) -> None:
         self.received += len(chunk)
         if self._handle is None:
-            return  # the transfer already failed; let the rest of it pass
-        assert self.file is not None
-        if self.offset + self.received > self.file.size_bytes:
-            await self._close_and_discard()
-            self._fail(TransferError(f"event {self.event_id}: more bytes than announced"))
-            return
-        self._batch.append(chunk)
-        self._batch_bytes += len(chunk)
-        if self._batch_bytes < WRITE_BATCH_BYTES:
-            return
-        try:
-            await self._write_batch()
-        except OSError as exc:
-            await self.abort(TransferError(f"cannot write {self.target.part_path}: {exc}"))
+            return  # failed, abandoned or a sink: let the rest of the transfer pass
+        async with self._lock:
+            if self._handle is None:
+                return
+            assert self.file is not None
+            if self.offset + self.received > self.file.size_bytes:
+                await self._close_locked(discard=True)
+                self._fail(TransferError(f"event {self.event_id}: more bytes than announced"))
+                return
+            self._batch.append(chunk)
+            self._batch_bytes += len(chunk)
+            if self._batch_bytes < WRITE_BATCH_BYTES:
+                return
+            try:
+                await self._write_batch()
+            except OSError as exc:
+                await self._close_locked()
+                self._fail(TransferError(f"cannot write {self._part_name}: {exc}"))
 
     async def _write_batch(self) -> None:
         """Hand the chunks received so far to a worker thread (write behind: they go to disk
@@ -659,18 +893,24 @@ class _Download:
             await asyncio.shield(writing)
 
     async def finish(self, message: FileEnd) -> Path | None:
+        async with self._lock:
+            return await self._finish_locked()
+
+    async def _finish_locked(self) -> Path | None:
         if self._handle is None:
-            return None  # already failed
+            return None  # already failed, abandoned, or a sink
         assert self.file is not None
+        assert self._part is not None
         try:
             await self._write_batch()
             await self._settle()
         except OSError as exc:
-            await self.abort(TransferError(f"cannot write {self.target.part_path}: {exc}"))
+            await self._close_locked()
+            self._fail(TransferError(f"cannot write {self._part_name}: {exc}"))
             return None
-        handle, self._handle = self._handle, None
+        self._handle = None
         if self.offset + self.received != self.file.size_bytes:
-            await asyncio.to_thread(handle.close)
+            await self._close_locked()
             self._fail(
                 TransferError(
                     f"event {self.event_id}: file_end after {self.received} "
@@ -679,58 +919,74 @@ class _Download:
             )
             return None
         try:
-            path = await asyncio.to_thread(self._verify_and_rename, handle, self.file)
+            path = await asyncio.to_thread(self._verify_and_rename, self._part, self.file)
         except TransferError as exc:
+            await self._close_locked()
             self._fail(exc)
             return None
         except OSError as exc:
-            self._fail(TransferError(f"cannot write {self.target.part_path}: {exc}"))
+            await self._close_locked()
+            self._fail(TransferError(f"cannot write {self._part_name}: {exc}"))
             return None
+        await self._close_locked()
         logger.info("received %s (%d bytes)", path.name, self.file.size_bytes)
         if not self.done.done():  # cancelled if the caller gave up; the file is good anyway
             self.done.set_result(path)
         return path
 
-    def _verify_and_rename(self, handle: IO[bytes], file: EventFile) -> Path:
-        try:
-            handle.flush()
-            os.fsync(handle.fileno())
-            size = handle.tell()
-        finally:
-            handle.close()
-        part = self.target.part_path
+    def _verify_and_rename(self, part: _PartFile, file: EventFile) -> Path:
+        assert self.target is not None
+        size = self.offset + self.received
         digest = self._digest.hexdigest()
         if size != file.size_bytes or digest != file.sha256:
-            part.unlink(missing_ok=True)
+            part.discard()
             raise TransferError(
                 f"event {self.event_id}: got {size} bytes with sha256 {digest[:12]}…, expected "
                 f"{file.size_bytes} bytes with sha256 {file.sha256[:12]}…; the partial file "
                 "was discarded"
             )
         final = self.target.final_path(file.name)
-        part.replace(final)
-        fsync_dir(final.parent)
+        part.commit(final, file.size_bytes)
         return final
 
     async def abort(self, error: ControllerError) -> None:
         """The transfer broke off: keep the bytes received (a prefix of the file) for resume."""
-        with contextlib.suppress(OSError):
-            await self._write_batch()
-            await self._settle()
-        self._batch, self._batch_bytes = [], 0
-        if self._handle is not None:
-            handle, self._handle = self._handle, None
-            await asyncio.to_thread(handle.close)
+        async with self._lock:
+            await self._close_locked()
         self._fail(error)
 
-    async def _close_and_discard(self) -> None:
-        self._batch, self._batch_bytes = [], 0
+    async def abandon(self) -> None:
+        """The caller gives up (or is done): stop writing (the bytes so far stay, a prefix of
+        the file), so that it can release the `.part` file. The rest of the transfer, if it
+        comes, is read and dropped."""
+        async with self._lock:
+            self._abandoned = True
+            await self._close_locked()
+
+    async def _close_locked(self, *, discard: bool = False) -> None:
+        """Write out what was received (unless discarding) and stop writing; a part file this
+        download owns is closed and unlocked."""
+        if discard:
+            self._batch, self._batch_bytes = [], 0
         with contextlib.suppress(OSError):
-            await self._settle()
-        if self._handle is not None:
-            handle, self._handle = self._handle, None
-            await asyncio.to_thread(handle.close)
-        await asyncio.to_thread(self.target.part_path.unlink, missing_ok=True)
+            await self._write_batch()
+        while self._writing is not None:
+            with contextlib.suppress(OSError):
+                await self._settle()
+        self._batch, self._batch_bytes = [], 0
+        self._handle = None
+        part = self._part
+        if part is None:
+            return
+        with contextlib.suppress(OSError):
+            if discard:
+                await asyncio.to_thread(part.discard)
+            elif part.handle is not None:
+                await asyncio.to_thread(part.handle.flush)
+        if self._owns_part:
+            self._part = None
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(part.release)
 
     def _fail(self, error: BaseException) -> None:
         if not self.done.done():
