@@ -8,9 +8,12 @@ Two ordered streams, merged by `seq` when sent (start before end of the same eve
 
 Both cursors live in `state/mqtt_outbox.json`, written atomically; this module alone reads and
 writes these files. A crash (kill -9, power loss) can only make a cursor lag, so a message may
-be delivered twice, never lost: consumers deduplicate by `event_id`. The store is assumed to
-append finished events in seq order (the pipeline finishes files in the order their events
-started).
+be delivered twice, never lost: consumers deduplicate by `event_id`. The store appends
+finished events in seq order (the pipeline finishes files in the order their events started)
+with one exception: a record that comes after one with a higher seq (an event salvaged at a
+restart after later ones were saved). The `end` cursor has passed such a record by, so the
+store lists these (`EventStore.late_records`) and their `end` goes out on its own; the cursor
+file keeps the late seqs whose `end` was acknowledged (`late_acked`).
 
 The store compacts old records away only up to the `end` cursor, which the outbox hands over
 (`EventStore.set_delivery_horizon`) when it opens and each time it persists it. While MQTT is
@@ -113,6 +116,13 @@ class Outbox:
         self._streams: dict[StreamName, _Stream] = {"start": _Stream(0), "end": _Stream(0)}
         self._persisted: dict[StreamName, int] = {"start": 0, "end": 0}
         self._starts_handle: Any = None
+        # Late records (see the module's docstring): what the store lists, which of their
+        # `end`s were acknowledged (persisted), and which are in `_ends` now.
+        self._late: dict[int, EventRecord] = {}
+        self._late_seen = -1  # the store's late_count when `_late` was read
+        self._late_acked: set[int] = set()
+        self._late_queued: set[int] = set()
+        self._persisted_late: frozenset[int] = frozenset()
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -124,9 +134,13 @@ class Outbox:
         try:
             self.cursor_path.parent.mkdir(parents=True, exist_ok=True)
             with self._lock:
-                cursors = self._read_cursors()
+                cursors, late_acked = self._read_cursors()
                 self._streams = {name: _Stream(cursors[name]) for name in ("start", "end")}
                 self._persisted = dict(cursors)
+                self._late_acked = set(late_acked)
+                self._persisted_late = frozenset(late_acked)
+                self._late_seen = -1
+                self._late_queued.clear()
                 self._starts = deque(
                     s
                     for s in self._read_starts()
@@ -140,7 +154,9 @@ class Outbox:
                     fsync_dir(self.starts_path.parent)
         except OSError as exc:
             raise StorageError(f"MQTT outbox in {self.cursor_path.parent}: {exc}") from exc
-        self.store.set_delivery_horizon(cursors["end"])
+        with self._lock:
+            self._read_late()
+            self.store.set_delivery_horizon(self._horizon(cursors["end"]))
         if self.depth:
             logger.info("MQTT outbox holds %d event messages to deliver", self.depth)
 
@@ -150,16 +166,34 @@ class Outbox:
                 self._starts_handle.close()
                 self._starts_handle = None
 
-    def _read_cursors(self) -> dict[StreamName, int]:
+    def _read_cursors(self) -> tuple[dict[StreamName, int], list[int]]:
+        """The acknowledged cursors, and the late seqs whose `end` was acknowledged."""
         try:
             raw = json.loads(self.cursor_path.read_text(encoding="utf-8"))
-            return {"start": int(raw["start"]), "end": int(raw["end"])}
+            cursors: dict[StreamName, int] = {"start": int(raw["start"]), "end": int(raw["end"])}
+            return cursors, [int(seq) for seq in raw.get("late_acked", [])]
         except FileNotFoundError:
-            return {"start": 0, "end": 0}
+            return {"start": 0, "end": 0}, []
         except (ValueError, KeyError, TypeError) as exc:
             # Losing the cursor must not lose events: start over and let consumers dedupe.
             logger.error("unreadable %s (%s): resending every event", self.cursor_path, exc)
-            return {"start": 0, "end": 0}
+            return {"start": 0, "end": 0}, []
+
+    def _read_late(self) -> None:
+        """Take the store's late records again if it has new ones (under the lock)."""
+        count = self.store.late_count
+        if count != self._late_seen:
+            self._late = {r.seq: r for r in self.store.late_records()}
+            self._late_seen = count
+
+    def _late_pending(self, up_to: int) -> list[int]:
+        """Late seqs up to `up_to` whose `end` is not acknowledged (the cursor passed them)."""
+        return sorted(s for s in self._late if s <= up_to and s not in self._late_acked)
+
+    def _horizon(self, end_cursor: int) -> int:
+        """What the store may forget: up to the cursor, but no late record still to send."""
+        pending = self._late_pending(end_cursor)
+        return min(end_cursor, pending[0] - 1) if pending else end_cursor
 
     def _end_may_follow(self, seq: int) -> bool:
         """False for an event that finished but is not in the event log: compacted away while
@@ -212,6 +246,7 @@ class Outbox:
         with self._lock:
             start_after = self._streams["start"].sent
             starts = list(itertools.islice((s for s in self._starts if s.seq > start_after), limit))
+            self._queue_late()
             if not self._ends:
                 fetched = self.store.records_since(self._ends_fetched, max(limit, FETCH_BATCH))
                 self._ends.extend(fetched)
@@ -232,6 +267,18 @@ class Outbox:
             items.sort(key=lambda item: item.order)
             return items[:limit]
 
+    def _queue_late(self) -> None:
+        """Put into `_ends` the late records the fetch from the log has passed by."""
+        self._read_late()
+        late = [
+            self._late[seq]
+            for seq in self._late_pending(self._ends_fetched)
+            if seq not in self._late_queued
+        ]
+        if late:
+            self._ends = deque(sorted([*self._ends, *late], key=lambda r: r.seq))
+            self._late_queued.update(r.seq for r in late)
+
     def mark_sent(self, item: OutboxItem) -> None:
         """`item` (from the head of `next_items`) went to the broker."""
         with self._lock:
@@ -245,6 +292,9 @@ class Outbox:
         with self._lock:
             stream = self._streams[item.stream]
             stream.ack(item.seq)
+            if item.stream == "end" and item.seq in self._late:
+                self._late_acked.add(item.seq)
+                self._late_queued.discard(item.seq)
             if item.stream == "start":
                 while self._starts and self._starts[0].seq <= stream.acked:
                     self._starts.popleft()
@@ -256,6 +306,7 @@ class Outbox:
                 stream.rewind()
             self._ends.clear()
             self._ends_fetched = self._streams["end"].acked
+            self._late_queued.clear()
 
     def flush(self) -> None:
         """Persist the acknowledged cursors; empty the start file once all of it is delivered.
@@ -265,12 +316,21 @@ class Outbox:
         """
         with self._lock:
             cursors = {name: stream.acked for name, stream in self._streams.items()}
-            if cursors == self._persisted:
+            # Only the late seqs the store still lists: the rest need no memory.
+            late_acked = frozenset(self._late_acked & self._late.keys())
+            if cursors == self._persisted and late_acked == self._persisted_late:
                 return
+            state = {
+                "start": cursors["start"],
+                "end": cursors["end"],
+                "late_acked": sorted(late_acked),
+            }
             try:
-                write_atomically(self.cursor_path, json.dumps(cursors).encode("utf-8"))
+                write_atomically(self.cursor_path, json.dumps(state).encode("utf-8"))
                 self._persisted = cursors
-                self.store.set_delivery_horizon(cursors["end"])  # durable now: may be forgotten
+                self._persisted_late = late_acked
+                # Durable now: may be forgotten.
+                self.store.set_delivery_horizon(self._horizon(cursors["end"]))
                 if not self._starts and self._starts_handle is not None:
                     self._starts_handle.truncate(0)
                     os.fsync(self._starts_handle.fileno())
@@ -283,7 +343,9 @@ class Outbox:
     def depth(self) -> int:
         """Event messages not yet acknowledged (sent or not)."""
         with self._lock:
-            ends = self.store.count_since(self._streams["end"].acked)
+            self._read_late()
+            acked = self._streams["end"].acked
+            ends = self.store.count_since(acked) + len(self._late_pending(acked))
             return len(self._starts) + ends
 
     @property

@@ -187,6 +187,10 @@ class EventStore:
         self.counters = StoreCounters()
         self._entries: dict[str, _Entry] = {}
         self._by_seq: list[_Entry] = []  # in seq order (appended in order)
+        # Records appended after one with a higher seq (an event salvaged at a restart after
+        # later ones were saved, ...), in log order: a deliverer that walks seqs upwards would
+        # pass them by. Told by the log's own order, so it survives restarts.
+        self._late: list[_Entry] = []
         self._last_seq = 0  # the last seq handed out
         self._newest_seq = 0  # the highest seq of a finished event, dropped ones included
         self._compacted = _Compacted()
@@ -214,6 +218,7 @@ class EventStore:
         # Reopened after close(): the log is read again from scratch, not on top of what was.
         self._entries.clear()
         self._by_seq.clear()
+        self._late.clear()
         self._newest_seq = 0
         self._compacted = _Compacted()
         self._file_bytes = self._collected_files = 0
@@ -325,6 +330,7 @@ class EventStore:
         self._by_seq.append(entry)
         if len(self._by_seq) > 1 and self._by_seq[-2].seq > entry.seq:
             self._by_seq.sort(key=lambda e: e.seq)
+            self._late.append(entry)
         if entry.has_file:
             self._file_bytes += entry.size_bytes
         self._last_seq = max(self._last_seq, entry.seq)
@@ -518,6 +524,18 @@ class EventStore:
         # Parsed outside the lock: a page may be long.
         return [self._checked_record(*item) for item in page]
 
+    def late_records(self) -> list[EventRecord]:
+        """The records appended after one with a higher seq, in the order they were added."""
+        with self._lock:
+            page = [(e.event_id, e.offset, self._event_line(e)) for e in self._late]
+        return [self._checked_record(*item) for item in page]
+
+    @property
+    def late_count(self) -> int:
+        """Changes whenever a late record comes (or compaction drops one)."""
+        with self._lock:
+            return len(self._late)
+
     def count_since(self, since_seq: int) -> int:
         """How many records `records_since(since_seq, <no limit>)` would list, without them."""
         with self._lock:
@@ -693,6 +711,9 @@ class EventStore:
                     and (delivered is None or entry.seq <= delivered)
                 )
                 (drop if droppable else keep).append(entry)
+            # Written in their log order, not in seq order: which records came late is told
+            # by that order (`late_records`).
+            keep.sort(key=lambda e: e.offset)
             wanted = min_droppable if min_droppable <= 1 else max(min_droppable, len(keep) // 4)
             if not drop or len(drop) < wanted:
                 return None
@@ -802,6 +823,7 @@ class EventStore:
         """Forget the dropped records and move the kept ones to their new offsets."""
         dropped = {id(e) for e in plan.drop}
         self._by_seq = [e for e in self._by_seq if id(e) not in dropped]
+        self._late = [e for e in self._late if id(e) not in dropped]
         # Kept records moved to where they were written; records added since the snapshot
         # came with the tail.
         moved = {id(e): new for e, new in zip(plan.keep, plan.new_offsets, strict=True)}

@@ -249,3 +249,23 @@ def check_delivery(world: World, ops: list[str]) -> None:
         firsts = list(dict.fromkeys(seqs))
         # Out-of-order acks aside, each stream is delivered in seq order per session.
         assert sorted(firsts) == sorted(set(seqs))
+
+
+def test_an_event_finished_after_a_later_one_is_delivered_once(world: World) -> None:
+    """Its record comes below the `end` cursor (as an event salvaged at a restart after later
+    ones were saved): its `end` still goes, again after a crash until acknowledged, then never."""
+    late, later = world.start(), world.start()
+    world.finish(later)
+    deliver(world.outbox, world.outbox.next_items(10))
+    assert world.outbox.acked_cursor("end") == later
+    world.finish(late)
+    assert world.outbox.depth == 1
+    assert [(i.stream, i.seq) for i in world.outbox.next_items(10)] == [("end", late)]
+    world.crash()  # sent, not acknowledged: sent again
+    items = world.outbox.next_items(10)
+    assert [(i.stream, i.seq) for i in items] == [("end", late)]
+    assert parse_event_message(items[0].payload).event_id == world.ids[late]
+    deliver(world.outbox, items)
+    world.crash()
+    assert world.outbox.next_items(10) == []
+    assert world.outbox.depth == 0

@@ -220,3 +220,27 @@ def test_an_event_whose_file_cannot_be_created_is_kept_without_one(
     store.add(record, writer.part_path)
     assert record.file is None
     assert store.get(record.event_id) == record
+
+
+def test_a_record_that_came_late_is_still_told_after_compaction_and_a_restart(
+    tmp_path: Path, store_opener: Opener
+) -> None:
+    store = store_opener(tmp_path, event_log_keep_days=1, event_log_keep_events=0)
+    store.set_delivery_horizon(None)
+    for _ in range(4):
+        fileless(store, datetime(2020, 1, 1, tzinfo=UTC))  # old enough to be dropped
+    late_seq = store.reserve_seq()
+    fileless(store, datetime(2099, 1, 1, tzinfo=UTC))  # a later event is saved first
+    onset = datetime(2099, 1, 1, tzinfo=UTC)
+    late = EventRecord(
+        event_id=new_event_id(), seq=late_seq, device_id=store.device_id, onset_time=onset,
+        offset_time=onset, duration_s=0.0, file_start_time=onset, pre_roll_s=0.0,
+        post_roll_s=0.0, peak_dbfs=-3.0, noise_floor_dbfs=-60.0,
+    )  # fmt: skip
+    store.add(late, None)
+    assert store.late_records() == [late]
+    assert store.compact() == 4
+    assert store.late_records() == [late]  # the compacted log keeps the order lines came in
+    store.close()
+    reopened = store_opener(tmp_path, event_log_keep_days=1, event_log_keep_events=0)
+    assert reopened.late_records() == [late]
