@@ -22,6 +22,7 @@ from typing import Any
 
 import guano
 import numpy as np
+import numpy.typing as npt
 import soundfile as sf
 
 from edge import __version__
@@ -282,6 +283,23 @@ def _event_id_from_comment(comment: str, seq: int) -> str | None:
     return event_id
 
 
+def _read_what_is_there(partial: Any) -> npt.NDArray[np.float32]:
+    """The audio of a file cut by a crash, block by block. A FLAC file whose header was never
+    finished has no length (libsndfile says 2**63-1 frames) and its reading fails where the
+    encoder had got to: what was read up to there is the audio."""
+    blocks: list[npt.NDArray[np.float32]] = []
+    try:
+        # Small blocks: a read that runs into the end fails whole, losing what it had read.
+        for block in partial.blocks(blocksize=4096, dtype="float32", always_2d=True):
+            blocks.append(block)
+    except (RuntimeError, sf.LibsndfileError):
+        if not blocks:
+            raise
+    if not blocks:
+        return np.zeros((0, partial.channels), dtype=np.float32)
+    return np.concatenate(blocks)
+
+
 def salvage_partial_file(pending: Path, device_id: str) -> EventRecord | None:
     """Turn a `.part` file left by a crash into a finished event record, if it holds audio.
 
@@ -298,15 +316,14 @@ def salvage_partial_file(pending: Path, device_id: str) -> EventRecord | None:
     except ValueError as exc:
         raise StorageError(f"{pending.name} is not an event file name") from exc
     try:
-        data, samplerate = sf.read(str(pending), dtype="float32", always_2d=True)
-        info = sf.info(str(pending))
         with sf.SoundFile(str(pending)) as partial:
-            comment = partial.comment
+            samplerate, comment, subtype = partial.samplerate, partial.comment, partial.subtype
+            data = _read_what_is_there(partial)
     except (RuntimeError, sf.LibsndfileError) as exc:
         raise StorageError(f"{pending.name} cannot be read: {exc}") from exc
     if data.shape[0] == 0:
         return None
-    subtype = info.subtype if info.subtype in ("PCM_16", "PCM_24", "FLOAT") else "PCM_16"
+    subtype = subtype if subtype in ("PCM_16", "PCM_24", "FLOAT") else "PCM_16"
     recording = RecordingSettings(
         format=extension if extension == "flac" else "wav",
         subtype=subtype,
