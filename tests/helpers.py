@@ -58,3 +58,16 @@ def record_event(
     )
     store.add(record, writer.part_path)
     return record
+
+
+def fileless_event(store: EventStore, onset: datetime, seq: int | None = None) -> EventRecord:
+    """An event recorded without a file (cheap: no audio written), added to the store; `seq`
+    for one reserved earlier (an event saved after later ones)."""
+    seq = store.reserve_seq() if seq is None else seq
+    record = EventRecord(
+        event_id=new_event_id(), seq=seq, device_id=store.device_id, onset_time=onset,
+        offset_time=onset, duration_s=0.0, file_start_time=onset, pre_roll_s=0.0,
+        post_roll_s=0.0, peak_dbfs=-3.0, noise_floor_dbfs=-60.0,
+    )  # fmt: skip
+    store.add(record, None)
+    return record

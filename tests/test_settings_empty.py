@@ -15,7 +15,7 @@ import subprocess
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,32 +26,10 @@ from pydantic.fields import FieldInfo
 
 from controller import settings as controller_settings
 from edge import settings as agent_settings
-from edge.errors import SettingsError
+from tests.test_hostile_env import AGENT, CONTROLLER, Program
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "systemd").glob("*.env.example"))
-
-
-@dataclass(frozen=True)
-class Program:
-    prefix: str
-    root: type[BaseModel]
-    load: Callable[[], Any]
-    error: type[Exception]
-
-
-AGENT = Program(
-    agent_settings.ENV_PREFIX,
-    agent_settings.AgentSettings,
-    agent_settings.load_settings,
-    SettingsError,
-)
-CONTROLLER = Program(
-    controller_settings.ENV_PREFIX,
-    controller_settings.ControllerSettings,
-    controller_settings.load_settings,
-    controller_settings.ControllerSettingsError,
-)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from edge.recorder import new_event_id
 from edge.settings import AgentSettings, StorageSettings
 from edge.store import COMPACT_MIN_DROPPABLE, EventStore, LogCompactor, _CompactionPlan
 from edge.timeutil import utc_now
+from tests import helpers
 from tests.helpers import record_event
 
 Opener = Callable[..., EventStore]
@@ -48,15 +49,8 @@ def event_without_file(store: EventStore, onset: datetime) -> EventRecord:
 
 
 def fileless_event(store: EventStore, onset: datetime = OLD) -> EventRecord:
-    """An event recorded without a file (cheap: no audio written), droppable once old."""
-    seq = store.reserve_seq()
-    record = EventRecord(
-        event_id=new_event_id(), seq=seq, device_id=store.device_id, onset_time=onset,
-        offset_time=onset, duration_s=0.0, file_start_time=onset, pre_roll_s=0.0,
-        post_roll_s=0.0, peak_dbfs=-3.0, noise_floor_dbfs=-60.0,
-    )  # fmt: skip
-    store.add(record, None)
-    return record
+    """An event recorded without a file, droppable once old."""
+    return helpers.fileless_event(store, onset)
 
 
 def delete_collected_files(store: EventStore, records: list[EventRecord]) -> None:

@@ -25,7 +25,7 @@ from edge.messages.common import EventRecord
 from edge.recorder import EventMeta, EventWriter, new_event_id
 from edge.settings import DetectorSettings, RecordingSettings
 from edge.store import EventStore
-from tests.helpers import SAMPLERATE, record_event
+from tests.helpers import SAMPLERATE, fileless_event, record_event
 
 Opener = Callable[..., EventStore]
 
@@ -39,18 +39,6 @@ def file_size_limit(limit: int) -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-
-
-def fileless(store: EventStore, onset: datetime) -> EventRecord:
-    """A finished event without a file (as when recording is off), added to the store."""
-    seq = store.reserve_seq()
-    record = EventRecord(
-        event_id=new_event_id(), seq=seq, device_id=store.device_id, onset_time=onset,
-        offset_time=onset, duration_s=0.0, file_start_time=onset, pre_roll_s=0.0,
-        post_roll_s=0.0, peak_dbfs=-3.0, noise_floor_dbfs=-60.0,
-    )  # fmt: skip
-    store.add(record, None)
-    return record
 
 
 ONSET = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -84,13 +72,13 @@ def test_a_full_disk_during_an_append_loses_no_other_record(
     tmp_path: Path, store_opener: Opener
 ) -> None:
     store = store_opener(tmp_path)
-    first = fileless(store, ONSET)
+    first = fileless_event(store, ONSET)
     size = store.log_path.stat().st_size
     with file_size_limit(size + 100), pytest.raises(StorageError, match="cannot append"):
-        fileless(store, ONSET)  # its line is longer than 100 bytes: cut by the full disk
+        fileless_event(store, ONSET)  # its line is longer than 100 bytes: cut by the full disk
     assert store.log_path.stat().st_size == size
     # Space is back (retention freed some): the next events are recorded and read back.
-    later = [fileless(store, ONSET) for _ in range(2)]
+    later = [fileless_event(store, ONSET) for _ in range(2)]
     wanted = [first.event_id] + [r.event_id for r in later]
     assert [r.event_id for r in store.records_since(0, 10)] == wanted
     assert store.get(later[0].event_id) == later[0]
@@ -104,7 +92,7 @@ def test_a_record_read_from_the_wrong_place_is_a_storage_error(
     tmp_path: Path, store_opener: Opener
 ) -> None:
     store = store_opener(tmp_path)
-    first, second = fileless(store, ONSET), fileless(store, ONSET)
+    first, second = fileless_event(store, ONSET), fileless_event(store, ONSET)
     store._entries[second.event_id].offset = store._entries[first.event_id].offset
     with pytest.raises(StorageError, match=f"holds event {first.event_id}, not {second.event_id}"):
         store.get(second.event_id)
@@ -119,8 +107,8 @@ def test_an_error_after_compactions_rename_keeps_memory_on_the_new_log(
     store = store_opener(tmp_path, event_log_keep_days=1, event_log_keep_events=0)
     store.set_delivery_horizon(None)
     for _ in range(5):
-        fileless(store, datetime(2020, 1, 1, tzinfo=UTC))  # old enough to be dropped
-    kept = [fileless(store, datetime(2099, 1, 1, tzinfo=UTC)) for _ in range(3)]
+        fileless_event(store, datetime(2020, 1, 1, tzinfo=UTC))  # old enough to be dropped
+    kept = [fileless_event(store, datetime(2099, 1, 1, tzinfo=UTC)) for _ in range(3)]
 
     def failing_fsync_dir(directory: Path) -> None:
         raise OSError(errno.EIO, "Input/output error")
@@ -130,7 +118,7 @@ def test_an_error_after_compactions_rename_keeps_memory_on_the_new_log(
     monkeypatch.undo()
     assert [r.event_id for r in store.records_since(0, 10)] == [r.event_id for r in kept]
     assert store.get(kept[0].event_id) == kept[0]
-    newest = fileless(store, ONSET)
+    newest = fileless_event(store, ONSET)
     assert store.get(newest.event_id) == newest
 
 
@@ -228,16 +216,10 @@ def test_a_record_that_came_late_is_still_told_after_compaction_and_a_restart(
     store = store_opener(tmp_path, event_log_keep_days=1, event_log_keep_events=0)
     store.set_delivery_horizon(None)
     for _ in range(4):
-        fileless(store, datetime(2020, 1, 1, tzinfo=UTC))  # old enough to be dropped
+        fileless_event(store, datetime(2020, 1, 1, tzinfo=UTC))  # old enough to be dropped
     late_seq = store.reserve_seq()
-    fileless(store, datetime(2099, 1, 1, tzinfo=UTC))  # a later event is saved first
-    onset = datetime(2099, 1, 1, tzinfo=UTC)
-    late = EventRecord(
-        event_id=new_event_id(), seq=late_seq, device_id=store.device_id, onset_time=onset,
-        offset_time=onset, duration_s=0.0, file_start_time=onset, pre_roll_s=0.0,
-        post_roll_s=0.0, peak_dbfs=-3.0, noise_floor_dbfs=-60.0,
-    )  # fmt: skip
-    store.add(late, None)
+    fileless_event(store, datetime(2099, 1, 1, tzinfo=UTC))  # a later event is saved first
+    late = fileless_event(store, datetime(2099, 1, 1, tzinfo=UTC), seq=late_seq)
     assert store.late_records() == [late]
     assert store.compact() == 4
     assert store.late_records() == [late]  # the compacted log keeps the order lines came in
