@@ -254,6 +254,10 @@ class Collector:
         waiting out its backoff runs now instead."""
         if not self._running:
             return
+        if device_id in self._offline:
+            # Its `status` says it is away (`offline` or `stopped`): `online` starts a catch-up.
+            # At start the retained `info` (a new URL) comes right after the retained status.
+            return
         if device_id in self._catch_ups:
             self._catch_up_again.add(device_id)
             return

@@ -451,3 +451,19 @@ async def test_a_bug_in_a_catch_up_is_logged_with_its_traceback_and_retried(
     assert len(failures) == 1
     assert failures[0].exc_info is not None
     assert "a bug in the catch-up" in str(failures[0].exc_info[1])
+
+
+async def test_a_device_reported_stopped_is_caught_up_only_once_it_is_online(
+    tmp_path: Path,
+) -> None:
+    """At start the retained `stopped` comes, then the retained `info`, whose URL asks for a
+    catch-up: the device is away, so no connection is tried (and no failure logged) until its
+    `online`."""
+    settings = settings_for(tmp_path, catchup_interval_s=600)
+    async with BrokenWsServer() as broken, rig(settings, broken.url) as r:
+        r.collector.device_online(DEVICE_ID, online=False)
+        r.collector.request_catch_up(DEVICE_ID)
+        await asyncio.sleep(0.5)  # a catch-up would have connected by now
+        assert broken.arrivals == []
+        r.collector.device_online(DEVICE_ID, online=True)
+        await wait_until(lambda: len(broken.arrivals) >= 1)
