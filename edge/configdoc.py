@@ -34,7 +34,8 @@ Every setting is an environment variable; nested sections use `__` (two undersco
 `SOUNDEDGE_AUDIO__SAMPLERATE=44100`. The agent also reads a `.env` file in its working
 directory and an optional JSON file named by `SOUNDEDGE_CONFIG_FILE` (or `--config`), in which
 sections are objects: `{"audio": {"samplerate": 44100}}`. Environment variables override the
-file. An invalid value stops the program with exit status 2 and one line naming the variable.
+file. An invalid value stops the program with exit status 2 and one line naming the variable
+(or, for a value from the JSON file, its key and the file: `audio.samplerate in cfg.json`).
 Settings marked *live* can also be changed while the agent runs, with the MQTT `set` command.
 """
 

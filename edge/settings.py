@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_origin
 
+from dotenv import dotenv_values
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -586,10 +587,15 @@ def _field_loc(loc: tuple[int | str, ...], root: type[BaseModel]) -> tuple[int |
 
 
 def describe_validation_error(
-    exc: ValidationError, prefix: str = ENV_PREFIX, root: type[BaseModel] | None = None
+    exc: ValidationError,
+    prefix: str = ENV_PREFIX,
+    root: type[BaseModel] | None = None,
+    config: tuple[Path, dict[str, Any]] | None = None,
 ) -> str:
     """One line naming each environment variable at fault and what is allowed. With `root`
-    (the settings class), the alternatives of a union are told as one problem of one variable."""
+    (the settings class), the alternatives of a union are told as one problem of one variable.
+    With `config` (the config file and its content), a value that came from the file is named
+    as the file's key."""
     # variable (or, for a rule across sections, its message) -> (problems, the value shown)
     problems: dict[str, tuple[list[str], str]] = {}
     for err in exc.errors():
@@ -600,13 +606,30 @@ def describe_validation_error(
         if not loc:  # a rule across sections names its variables itself
             problems.setdefault(message, ([], ""))
             continue
-        messages, _ = problems.setdefault(env_name(loc, prefix), ([], shown))
+        name = env_name(loc, prefix)
+        if config is not None and _from_config_file(name, loc, config[1]):
+            name = f"{'.'.join(str(part) for part in loc)} in {config[0]}"
+        messages, _ = problems.setdefault(name, ([], shown))
         if message not in messages:
             messages.append(message)
     return "; ".join(
         f"{key}: {'; or: '.join(messages)}{shown}" if messages else key
         for key, (messages, shown) in problems.items()
     )
+
+
+def _from_config_file(variable: str, loc: tuple[int | str, ...], content: dict[str, Any]) -> bool:
+    """Whether the value at `loc` came from the config file: the file has it and neither the
+    environment nor the .env file (which override the file) sets `variable`."""
+    node: Any = content
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    if variable in os.environ:
+        return False
+    dotenv = Path(".env")
+    return not (dotenv.is_file() and variable in dotenv_values(dotenv))
 
 
 # pydantic-settings names the field and the source, not the variable: 'error parsing value for
@@ -651,14 +674,16 @@ def build_settings(
     prefix: str,
     error: type[Exception],
     overrides: dict[str, Any],
+    config: tuple[Path, dict[str, Any]] | None = None,
 ) -> SettingsT:
     """Load `settings_cls` from its sources, for both programs: any invalid value, from the
     environment, a .env file or a config file, raises `error` with one line naming the
-    variable and what is allowed (the command lines turn it into exit status 2)."""
+    variable (or the config file's key) and what is allowed (the command lines turn it into
+    exit status 2)."""
     try:
         return settings_cls(**overrides)
     except ValidationError as exc:
-        raise error(describe_validation_error(exc, prefix, settings_cls)) from exc
+        raise error(describe_validation_error(exc, prefix, settings_cls, config)) from exc
     except PydanticSettingsError as exc:
         raise error(describe_source_error(exc, settings_cls, prefix)) from exc
 
@@ -666,13 +691,13 @@ def build_settings(
 def load_settings(**overrides: Any) -> AgentSettings:
     """Load and validate the agent's settings; raise `SettingsError` with a one-line message."""
     config_path = _find_config_file(overrides)
-    if config_path is not None:
-        _check_config_file(config_path)
-    return build_settings(AgentSettings, ENV_PREFIX, SettingsError, overrides)
+    config = None if config_path is None else (config_path, _check_config_file(config_path))
+    return build_settings(AgentSettings, ENV_PREFIX, SettingsError, overrides, config)
 
 
-def _check_config_file(path: Path) -> None:
-    """Give a clear error for a missing or malformed config file (pydantic would say little)."""
+def _check_config_file(path: Path) -> dict[str, Any]:
+    """The config file's content; a clear error if it is missing or malformed (pydantic would
+    say little)."""
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -683,6 +708,7 @@ def _check_config_file(path: Path) -> None:
         raise SettingsError(f"{CONFIG_FILE_ENV}: {path} is not valid JSON: {exc}") from exc
     if not isinstance(content, dict):
         raise SettingsError(f"{CONFIG_FILE_ENV}: {path} must hold a JSON object")
+    return content
 
 
 def masked_dump(settings: BaseSettings | BaseModel) -> dict[str, Any]:

@@ -90,6 +90,23 @@ def test_missing_and_malformed_config_files_are_clear_errors(tmp_path: Path) -> 
         load_settings(config_file=bad)
 
 
+def test_a_bad_value_from_the_config_file_is_named_as_its_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "cfg.json"
+    config.write_text('{"audio": {"samplerate": "fast"}}')
+    with pytest.raises(SettingsError) as caught:
+        load_settings(config_file=config)
+    assert str(caught.value).startswith(f"audio.samplerate in {config}: ")
+    # The environment (or .env) overrides the file: then the bad value is the variable's.
+    (tmp_path / ".env").write_text("SOUNDEDGE_AUDIO__SAMPLERATE=slow\n")
+    with pytest.raises(SettingsError, match=r"^SOUNDEDGE_AUDIO__SAMPLERATE: .*'slow'"):
+        load_settings(config_file=config)
+    monkeypatch.setenv("SOUNDEDGE_AUDIO__SAMPLERATE", "quick")
+    with pytest.raises(SettingsError, match=r"^SOUNDEDGE_AUDIO__SAMPLERATE: .*'quick'"):
+        load_settings(config_file=config)
+
+
 def test_secrets_are_masked_in_dumps(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOUNDEDGE_MQTT__PASSWORD", "hunter2")
     monkeypatch.setenv("SOUNDEDGE_WS__TOKEN", "s3cret")
