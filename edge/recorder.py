@@ -132,59 +132,16 @@ class EventWriter:
         If the file could not even be created, the record has no file: the event is still
         told (its `end` says it has none) rather than lost with it.
         """
-        event_s = max(0.0, (offset_time - self.meta.onset_time).total_seconds())
-        levels = (peak_dbfs, noise_floor_dbfs, split, clock_uncertain)
-        if self._file is None:
-            if self.error is not None and not self.part_path.exists():
-                return self._record(offset_time, event_s, 0.0, 0.0, *levels, file=None)
+        meta = self.meta
+        event_s = max(0.0, (offset_time - meta.onset_time).total_seconds())
+        file: EventFile | None = None
+        pre_roll_s = post_roll_s = 0.0
+        if self._file is not None:
+            file, duration_s = self._close(event_s, peak_dbfs, noise_floor_dbfs)
+            pre_roll_s = max(0.0, (meta.onset_time - meta.file_start_time).total_seconds())
+            post_roll_s = max(0.0, duration_s - pre_roll_s - event_s)
+        elif self.error is None or self.part_path.exists():
             raise StorageError(f"{self.part_path.name} is not open")
-        try:
-            self._file.close()
-        except (OSError, RuntimeError, sf.LibsndfileError) as exc:
-            raise StorageError(f"cannot close {self.part_path}: {exc}") from exc
-        self._file = None
-        meta = self.meta
-        frames = self.frames_written
-        if self.error is not None:
-            # Part of the failed block may have been written: the file says how much.
-            try:
-                frames = sf.info(str(self.part_path)).frames
-            except (RuntimeError, sf.LibsndfileError) as exc:
-                raise StorageError(f"cannot read back {self.part_path}: {exc}") from exc
-        duration_s = frames / meta.samplerate
-        pre_roll_s = max(0.0, (meta.onset_time - meta.file_start_time).total_seconds())
-        post_roll_s = max(0.0, duration_s - pre_roll_s - event_s)
-        if meta.recording.format == "wav":
-            guano_md = _guano_metadata(
-                meta, self.final_path.name, duration_s, peak_dbfs, noise_floor_dbfs, event_s
-            )
-            append_guano_chunk(self.part_path, guano_md)
-        _fsync_file(self.part_path)
-        file = EventFile(
-            name=self.final_path.name,
-            size_bytes=self.part_path.stat().st_size,
-            sha256=sha256_of(self.part_path),
-            format=meta.recording.format,
-            duration_s=round(duration_s, 6),
-            samplerate=meta.samplerate,
-            channels=meta.channels,
-        )
-        return self._record(offset_time, event_s, pre_roll_s, post_roll_s, *levels, file=file)
-
-    def _record(
-        self,
-        offset_time: datetime,
-        event_s: float,
-        pre_roll_s: float,
-        post_roll_s: float,
-        peak_dbfs: float,
-        noise_floor_dbfs: float,
-        split: bool,
-        clock_uncertain: bool,
-        *,
-        file: EventFile | None,
-    ) -> EventRecord:
-        meta = self.meta
         return EventRecord(
             event_id=meta.event_id,
             seq=meta.seq,
@@ -201,6 +158,42 @@ class EventWriter:
             clock_uncertain=clock_uncertain,
             file=file,
         )
+
+    def _close(
+        self, event_s: float, peak_dbfs: float, noise_floor_dbfs: float
+    ) -> tuple[EventFile, float]:
+        """Close the open file, add its metadata, fsync and checksum it; its description and
+        its duration in seconds."""
+        try:
+            self._file.close()
+        except (OSError, RuntimeError, sf.LibsndfileError) as exc:
+            raise StorageError(f"cannot close {self.part_path}: {exc}") from exc
+        self._file = None
+        meta = self.meta
+        frames = self.frames_written
+        if self.error is not None:
+            # Part of the failed block may have been written: the file says how much.
+            try:
+                frames = sf.info(str(self.part_path)).frames
+            except (RuntimeError, sf.LibsndfileError) as exc:
+                raise StorageError(f"cannot read back {self.part_path}: {exc}") from exc
+        duration_s = frames / meta.samplerate
+        if meta.recording.format == "wav":
+            guano_md = _guano_metadata(
+                meta, self.final_path.name, duration_s, peak_dbfs, noise_floor_dbfs, event_s
+            )
+            append_guano_chunk(self.part_path, guano_md)
+        _fsync_file(self.part_path)
+        file = EventFile(
+            name=self.final_path.name,
+            size_bytes=self.part_path.stat().st_size,
+            sha256=sha256_of(self.part_path),
+            format=meta.recording.format,
+            duration_s=round(duration_s, 6),
+            samplerate=meta.samplerate,
+            channels=meta.channels,
+        )
+        return file, duration_s
 
     def abort(self) -> None:
         """Close without finishing (shutdown in a hurry); the `.part` file is salvaged later."""
