@@ -24,6 +24,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "soundedge"))
 
 
 @pytest.fixture
+def no_soundedge_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Settings as the code alone gives them: no SOUNDEDGE_ variable of the calling shell, and
+    a working directory without a stray .env."""
+    for key in list(os.environ):
+        if key.startswith("SOUNDEDGE_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
 def store_opener() -> Iterator[Callable[..., EventStore]]:
     """Opens real event stores and closes them all at the end of the test."""
     opened: list[EventStore] = []

@@ -30,6 +30,8 @@ from controller import settings as controller_settings
 from edge import settings as agent_settings
 from edge.errors import SettingsError
 
+pytestmark = pytest.mark.usefixtures("no_soundedge_environment")
+
 # Fields whose every string is a valid value as far as the settings are concerned: names,
 # paths, URLs and secrets. What they point at is checked where it is used (tests named).
 ACCEPTS_ANY_TEXT = {
@@ -159,14 +161,6 @@ OUT_OF_RANGE = [
     for leaf in ALL_LEAVES
     for value in out_of_range_values(leaf.field)
 ]
-
-
-@pytest.fixture(autouse=True)
-def no_soundedge_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for key in list(os.environ):
-        if key.startswith("SOUNDEDGE_"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)  # no stray .env
 
 
 def refused_with_one_line(leaf: Leaf, value: str, monkeypatch: pytest.MonkeyPatch) -> str:

@@ -28,6 +28,8 @@ from controller import settings as controller_settings
 from edge import settings as agent_settings
 from tests.test_hostile_env import AGENT, CONTROLLER, Program
 
+pytestmark = pytest.mark.usefixtures("no_soundedge_environment")
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "systemd").glob("*.env.example"))
 
@@ -83,14 +85,6 @@ def _optional(field: FieldInfo) -> bool:
 
 def _mentions_empty(field: FieldInfo) -> bool:
     return re.search(r"\bempty\b", field.description or "", flags=re.IGNORECASE) is not None
-
-
-@pytest.fixture(autouse=True)
-def no_soundedge_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for key in list(os.environ):
-        if key.startswith("SOUNDEDGE_"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)  # no stray .env
 
 
 def _load_with(leaf: Leaf, source: str, monkeypatch: pytest.MonkeyPatch) -> Any:
